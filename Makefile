@@ -1,0 +1,57 @@
+# One-command set-up: every target that needs them builds the venv and fetches the Spark jars.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MVN := mvn -q -B org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy -Dtransitive=false
+# Resolved one by one, not transitively: transitive copies clash with pyspark's own jars (DESIGN.md).
+DELTA_JARS := io.delta:delta-spark_4.0_2.13:4.4.0 io.delta:delta-storage:4.4.0
+S3_JARS := org.apache.hadoop:hadoop-aws:3.4.1 software.amazon.awssdk:bundle:2.24.6
+SAMPLE := data/sample
+export PYSPARK_PYTHON := $(abspath $(BIN)/python)
+export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
+export MLFLOW_DISABLE_TELEMETRY := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install jars jars-s3 test test-all demo bench lint wheel pack clean
+
+install: $(VENV)/.installed
+jars: jars/delta/.done
+jars-s3: jars/s3/.done
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+jars/delta/.done:
+	mkdir -p jars/delta
+	for a in $(DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/delta || exit 1; done
+	touch $@
+
+jars/s3/.done:
+	mkdir -p jars/s3
+	for a in $(S3_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/s3 || exit 1; done
+	touch $@
+
+test: install jars jars-s3
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow" --timeout=900
+
+test-all: install jars jars-s3
+	$(BIN)/pytest --timeout=1800
+
+demo: install jars
+	$(BIN)/imageiq sample-data $(SAMPLE)
+	$(BIN)/imageiq --set ingest.source=$(SAMPLE) run-all
+	$(BIN)/imageiq sql "SELECT label, count(*) AS n FROM imageiq.images GROUP BY label ORDER BY label" --format csv
+
+bench: install jars
+	$(BIN)/python -m benchmarks.run
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf lake data build dist *.egg-info .pytest_cache

@@ -1,0 +1,182 @@
+"""The `imageiq` command line; `jobs/*.py` call the same `main` under spark-submit.
+
+Exit codes: 0 done, 2 usage or config error (the message names the key or argument), 1 any
+other failure. Standard output carries only results; logs and Spark's progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime
+import decimal
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from imageiq_spark.config import Config, ConfigError, load_config
+
+log = logging.getLogger("imageiq_spark")
+
+STAGES = ("ingest", "preprocess", "train", "evaluate", "score")
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--conf", metavar="FILE", default=default,
+                        help="YAML config file (default conf/local.yaml)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides",
+                        default=default if suppress else [],
+                        help="override a config key (dotted path, YAML value); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageiq", description="Spark-native batch image recognition: ingest, preprocess, "
+        "train, evaluate and score images into Delta tables tracked in MLflow."
+    )
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, suppress=True)
+        return sub
+
+    sample = command("sample-data", "write the bundled sample data set as DEST/<label>/*.png")
+    sample.add_argument("dest", metavar="DEST")
+    sample.add_argument("--per-class", type=int, default=None,
+                        help="at most this many images per label (default: all 5,000 digits)")
+    for name, text in (("ingest", "new images -> table images; unreadable ones -> quarantine"),
+                       ("run-all", "ingest, preprocess, train, evaluate, score")):
+        sub = command(name, text)
+        sub.add_argument("--source", metavar="URI", help="overrides ingest.source")
+    command("preprocess", "images -> prepared")
+    command("train", "prepared -> MLflow run and registered model version")
+    for name, text in (("evaluate", "test split -> evaluations table, MLflow metrics and plots"),
+                       ("score", "images without a prediction from that model -> predictions")):
+        sub = command(name, text)
+        sub.add_argument("--model", metavar="URI",
+                         help="MLflow model URI (default models:/<mlflow.registered_model>@champion)")
+    sql = command("sql", "run Spark SQL against the project's catalog and print the rows")
+    sql.add_argument("query", metavar="QUERY")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    return parser
+
+
+def configure_logging() -> None:
+    level = os.environ.get("IMAGEIQ_LOG_LEVEL", "INFO").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error, naming the argument
+    configure_logging()
+    try:
+        config = load_config(args.conf, args.overrides)
+        if getattr(args, "source", None):
+            config = config.with_overrides({"ingest.source": args.source})
+        return run_command(args, config)
+    except ConfigError as exc:
+        print(f"imageiq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imageiq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI's contract: any other failure exits 1 with its cause
+        log.debug("failure", exc_info=True)
+        print(f"imageiq: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "sample-data":
+        from imageiq_spark.sample_data import write_sample_data
+
+        counts = write_sample_data(args.dest, args.per_class)
+        print(f"wrote {sum(counts.values())} images in {len(counts)} labels to {args.dest}")
+        return 0
+
+    from imageiq_spark import lakehouse
+    from imageiq_spark.session import get_spark
+
+    spark = get_spark(config, app_name=f"imageiq {args.command}")
+    lakehouse.register_tables(spark, config)
+    if args.command == "sql":
+        print_rows(spark.sql(args.query), args.format)
+        return 0
+    stages = STAGES if args.command == "run-all" else (args.command,)
+    for stage in stages:
+        options = {"model_uri": args.model} if getattr(args, "model", None) else {}
+        run_stage(spark, config, stage, **options)
+    return 0
+
+
+def run_stage(spark: Any, config: Config, stage: str, **options: Any) -> Any:
+    """Run one stage's `run(spark, config)` and print its summary to standard output."""
+    module = importlib.import_module(f"imageiq_spark.{stage}")
+    log.info("%s: starting", stage)
+    started = time.monotonic()
+    summary = module.run(spark, config, **options)
+    log.info("%s: done in %.1f s", stage, time.monotonic() - started)
+    print(f"== {stage}")
+    for line in summary.lines():
+        print(line)
+    sys.stdout.flush()
+    return summary
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=_json_value, ensure_ascii=False)
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def print_rows(df: Any, fmt: str) -> None:
+    columns = df.columns
+    rows = [row.asDict(recursive=True) for row in df.toLocalIterator()]
+    out = sys.stdout
+    if fmt == "json":
+        for row in rows:
+            out.write(json.dumps(row, default=_json_value, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_text(row[c]) for c in columns])
+    else:
+        cells = [[_text(row[c]) for c in columns] for row in rows]
+        widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+    out.flush()

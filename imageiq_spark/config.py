@@ -1,0 +1,379 @@
+"""The one typed configuration object, loaded once per process.
+
+A YAML file holds only the keys it changes; `--set dotted.key=value` overrides come last. Every key
+is checked against the schema below: an unknown key or a wrong type raises `ConfigError` naming the
+key and what was expected, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_CONF_PATH = "conf/local.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration key or command-line argument is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    #: Where the embedded lakehouse lives: tables, checkpoints, MLflow store and artifacts.
+    root: str = "./lake"
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    #: Database (schema) holding the tables.
+    database: str = "imageiq"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    #: URI of the images (file://, s3a://, dbfs:/ ... or a local path). Required for ingest.
+    source: str | None = None
+    #: `folder` (parent folder name), a path to a CSV/Parquet manifest (`path,label`), or `none`.
+    labels: str = "folder"
+    #: Larger images are quarantined from their header, before any decode.
+    max_pixels: int = 100_000_000
+    #: Larger files are quarantined without being read.
+    max_bytes: int = 268_435_456
+    #: File name extensions taken as images, compared case-insensitively.
+    extensions: list[str] = field(
+        default_factory=lambda: [
+            "jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "pgm", "ppm", "pbm",
+        ]
+    )
+    #: Files per micro-batch: bounds memory and gives progress on large sources.
+    files_per_batch: int = 20_000
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    #: `[height, width]` of prepared tensors; empty means the model's default size.
+    size: list[int] = field(default_factory=list)
+    #: `rgb` or `gray` output channels.
+    color: Literal["rgb", "gray"] = "rgb"
+    #: How an image is fitted to `size`.
+    resize: Literal["stretch", "letterbox", "center_crop"] = "stretch"
+    #: Enhancement operators, applied in this order.
+    enhance: list[Literal["clahe", "denoise", "unsharp", "white_balance", "gamma"]] = field(
+        default_factory=list
+    )
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    denoise_strength: float = 5.0
+    unsharp_amount: float = 1.0
+    unsharp_sigma: float = 1.0
+    gamma: float = 1.0
+    #: Fractions of images per split, chosen by a hash of `image_id` (stable across reruns).
+    split: SplitConfig = field(default_factory=SplitConfig)
+    #: Rows per Arrow batch in the preprocessing UDF.
+    batch_rows: int = 256
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = False
+    rotation: float = 0.0
+    zoom: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    #: Spark barrier tasks running MultiWorkerMirroredStrategy; 1 trains on the driver.
+    workers: int = 1
+    #: Each barrier task takes one GPU from Spark's resource scheduling.
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    #: Architecture from the model zoo.
+    model: Literal["small_cnn", "mobilenet_v2", "resnet50", "efficientnet_b0"] = "small_cnn"
+    #: `none`, `imagenet`, or a path to a weights file.
+    weights: str = "none"
+    #: A cap: early stopping on validation loss ends training and restores the best weights.
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    #: Epochs without validation-loss improvement before stopping.
+    patience: int = 5
+    #: `petastorm` or `arrow` (pyarrow.dataset -> tf.data).
+    reader: Literal["petastorm", "arrow"] = "petastorm"
+    #: Fixed seed for repeatable runs; null leaves training unseeded.
+    seed: int | None = 42
+    #: Epochs trained with a frozen base before fine-tuning, when pretrained weights are given.
+    fine_tune_epochs: int = 3
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    #: Split evaluated by default.
+    split: Literal["train", "val", "test"] = "test"
+    #: Bins of the reliability diagram and expected calibration error.
+    calibration_bins: int = 10
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    #: How many labels with probabilities each prediction keeps.
+    top_k: int = 3
+    #: Rows per model call in the inference UDF.
+    batch_size: int = 256
+    #: Predictions with confidence under this go to the `review_queue` view.
+    review_threshold: float = 0.6
+    #: Attempts of the MERGE into `predictions` when a concurrent writer conflicts.
+    merge_retries: int = 5
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    #: Tracking store; empty means SQLite under storage.root.
+    tracking_uri: str = ""
+    #: Registry name of the model.
+    registered_model: str = "imageiq"
+    #: Experiment the runs are logged to.
+    experiment: str = "imageiq"
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    #: Passed verbatim to the Spark session builder; what spark-submit or the platform sets wins.
+    spark_conf: dict[str, str] = field(default_factory=dict)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted keys replaced, validated like a loaded file."""
+        data = to_dict(self)
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+    def fingerprint(self, section: str) -> str:
+        """A short stable hash of one section's resolved values."""
+        payload = json.dumps(to_dict(self)[section], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; used to log the whole config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "spark_conf":
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    section, _, rest = key.partition(".")
+    if section == "spark_conf" and rest:
+        # Spark keys are dotted themselves: everything after `spark_conf.` is one key.
+        data.setdefault("spark_conf", {})[rest] = value
+        return
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"config key '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_argument(argument: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3); the value is parsed as YAML."""
+    key, sep, raw = argument.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (for example train.epochs=3), got '{argument}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (default `conf/local.yaml` when present) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is None and Path(DEFAULT_CONF_PATH).is_file():
+        path = DEFAULT_CONF_PATH
+    if path is not None:
+        conf_path = Path(path)
+        if not conf_path.is_file():
+            raise ConfigError(f"--conf: file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(conf_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--conf: '{path}' is not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--conf: '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    for argument in overrides or []:
+        key, value = parse_set_argument(argument)
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' expects a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(
+            f"unknown config key '{key}'; keys allowed here: {', '.join(sorted(names))}"
+        )
+    values = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in data}
+    config = cls(**values)
+    _validate(config, prefix)
+    return config
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of strings"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {_describe(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail()
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item_type, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return {str(k): "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise fail()
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise fail()
+
+
+def _require(condition: bool, key: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' expects {expected}, got {value!r}")
+
+
+def _validate(config: Any, prefix: str) -> None:
+    """Range checks that a type alone cannot say."""
+    if isinstance(config, IngestConfig):
+        _require(config.max_pixels > 0, prefix + "max_pixels", "a positive integer", config.max_pixels)
+        _require(config.max_bytes > 0, prefix + "max_bytes", "a positive integer", config.max_bytes)
+        _require(config.files_per_batch > 0, prefix + "files_per_batch", "a positive integer",
+                 config.files_per_batch)
+    elif isinstance(config, SplitConfig):
+        total = config.train + config.val + config.test
+        _require(abs(total - 1.0) < 1e-6 and min(config.train, config.val, config.test) >= 0,
+                 prefix.rstrip("."), "train, val and test fractions >= 0 that sum to 1",
+                 dataclasses.asdict(config))
+    elif isinstance(config, PreprocessConfig):
+        _require(config.size == [] or (len(config.size) == 2 and min(config.size) > 0),
+                 prefix + "size", "[height, width] of two positive integers", config.size)
+        _require(config.gamma > 0, prefix + "gamma", "a positive number", config.gamma)
+        _require(config.batch_rows > 0, prefix + "batch_rows", "a positive integer", config.batch_rows)
+    elif isinstance(config, TrainConfig):
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(config, name)
+            _require(value > 0, prefix + name, "a positive integer", value)
+        _require(config.learning_rate > 0, prefix + "learning_rate", "a positive number",
+                 config.learning_rate)
+    elif isinstance(config, DistributedConfig):
+        _require(config.workers >= 1, prefix + "workers", "an integer >= 1", config.workers)
+    elif isinstance(config, ScoreConfig):
+        _require(config.top_k >= 1, prefix + "top_k", "an integer >= 1", config.top_k)
+        _require(config.batch_size >= 1, prefix + "batch_size", "an integer >= 1", config.batch_size)
+        _require(0.0 <= config.review_threshold <= 1.0, prefix + "review_threshold",
+                 "a number between 0 and 1", config.review_threshold)

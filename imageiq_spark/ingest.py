@@ -1,0 +1,337 @@
+"""Ingest: image files in object storage -> `images` (one row per distinct content) + `quarantine`.
+
+Files are discovered by a Structured Streaming binaryFile source run with an availableNow trigger:
+its checkpoint remembers every file already taken, so a rerun reads only new files. Each
+micro-batch is probed (header only), hashed and written with insert-only MERGEs keyed by content
+hash (`images`) and by file (`quarantine`); a crash replays the batch and the MERGEs add nothing
+twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    BinaryType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from imageiq_spark import lakehouse
+from imageiq_spark.config import Config, ConfigError
+from imageiq_spark.probe import TOO_LARGE, ProbeError, probe
+from imageiq_spark.session import storage_uri
+
+log = logging.getLogger(__name__)
+
+IMAGES_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), False),
+        StructField("path", StringType(), False),
+        StructField("label", StringType(), True),
+        StructField("format", StringType(), False),
+        StructField("width", IntegerType(), False),
+        StructField("height", IntegerType(), False),
+        StructField("channels", IntegerType(), False),
+        StructField("bit_depth", IntegerType(), False),
+        StructField("orientation", IntegerType(), False),
+        StructField("size_bytes", LongType(), False),
+        StructField("modified_at", TimestampType(), True),
+        StructField("content", BinaryType(), False),
+        StructField("ingested_at", TimestampType(), False),
+    ]
+)
+QUARANTINE_SCHEMA = StructType(
+    [
+        StructField("path", StringType(), False),
+        StructField("reason", StringType(), False),
+        StructField("detail", StringType(), True),
+        StructField("stage", StringType(), False),
+        StructField("image_id", StringType(), True),
+        StructField("size_bytes", LongType(), True),
+        StructField("modified_at", TimestampType(), True),
+        StructField("ingested_at", TimestampType(), False),
+    ]
+)
+QUARANTINE_KEYS = ["path", "stage", "image_id", "modified_at"]
+
+BATCH_SCHEMA = StructType(
+    [
+        StructField("path", StringType(), False),
+        StructField("modificationTime", TimestampType(), True),
+        StructField("length", LongType(), False),
+        StructField("content", BinaryType(), True),
+        StructField("label", StringType(), True),
+    ]
+)
+PROBE_FIELDS = [
+    StructField("image_id", StringType(), True),
+    StructField("format", StringType(), True),
+    StructField("width", IntegerType(), True),
+    StructField("height", IntegerType(), True),
+    StructField("channels", IntegerType(), True),
+    StructField("bit_depth", IntegerType(), True),
+    StructField("orientation", IntegerType(), True),
+    StructField("reason", StringType(), True),
+    StructField("detail", StringType(), True),
+]
+PROBED_SCHEMA = StructType([*BATCH_SCHEMA.fields, *PROBE_FIELDS])
+
+
+@dataclass
+class IngestSummary:
+    files_seen: int = 0
+    new_images: int = 0
+    duplicates: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.files_seen / self.elapsed_s if self.elapsed_s else 0.0
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
+        return [
+            f"files seen:   {self.files_seen}",
+            f"new images:   {self.new_images}",
+            f"duplicates:   {self.duplicates}",
+            f"quarantined:  {sum(self.quarantined.values())} ({reasons})",
+            f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
+        ]
+
+
+def extension_glob(extensions: list[str]) -> str:
+    """A case-insensitive file-name glob: ["png"] -> "*.{[pP][nN][gG]}"."""
+
+    def insensitive(ext: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext)
+
+    return "*.{" + ",".join(insensitive(e) for e in extensions) + "}"
+
+
+def source_uri(source: str) -> str:
+    """The source as binaryFile reports paths: local folders become `file:/abs/path`."""
+    uri = storage_uri(source)
+    return "file:" + uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def probe_partition(max_pixels: int):
+    """A mapInPandas function: hash and probe each file's bytes; never decodes pixels."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            records = []
+            for content in batch["content"]:
+                data = bytes(content)
+                record: dict[str, object] = {"image_id": hashlib.sha256(data).hexdigest()}
+                try:
+                    info = probe(data, max_pixels)
+                    record.update(
+                        format=info.format,
+                        width=info.width,
+                        height=info.height,
+                        channels=info.channels,
+                        bit_depth=info.bit_depth,
+                        orientation=info.orientation,
+                    )
+                except ProbeError as exc:
+                    record.update(reason=exc.reason, detail=exc.detail)
+                records.append(record)
+            probed = pd.DataFrame.from_records(records, columns=[f.name for f in PROBE_FIELDS])
+            out = pd.concat([batch.reset_index(drop=True), probed], axis=1)
+            for column in ("width", "height", "channels", "bit_depth", "orientation"):
+                out[column] = out[column].astype("Int32")
+            yield out[PROBED_SCHEMA.names]
+
+    return run
+
+
+def label_column(files: DataFrame, spark: SparkSession, config: Config) -> DataFrame:
+    """Add `label`: the parent folder's name, a manifest's label, or null."""
+    labels = config.ingest.labels
+    root = source_uri(config.ingest.source or "").rstrip("/") + "/"
+    relative = F.when(F.col("path").startswith(root), F.expr(f"substring(path, {len(root) + 1})"))
+    if labels == "none":
+        return files.withColumn("label", F.lit(None).cast("string"))
+    if labels == "folder":
+        parts = F.split(relative, "/")
+        return files.withColumn("label", F.when(F.size(parts) >= 2, F.element_at(parts, -2)).cast("string"))
+    manifest = read_manifest(spark, labels)
+    # Manifest paths may be relative to the source or full URIs/absolute paths.
+    files = files.withColumn("_relative", relative)
+    joined = files.join(
+        F.broadcast(manifest),
+        (F.col("_relative") == F.col("_manifest_path"))
+        | (F.col("path") == F.col("_manifest_path"))
+        | (F.col("path") == F.concat(F.lit("file:"), F.col("_manifest_path"))),
+        "left",
+    )
+    return joined.drop("_relative", "_manifest_path").withColumnRenamed("_manifest_label", "label")
+
+
+def read_manifest(spark: SparkSession, uri: str) -> DataFrame:
+    reader = spark.read
+    if uri.lower().endswith(".parquet"):
+        manifest = reader.parquet(uri)
+    elif uri.lower().endswith(".csv"):
+        manifest = reader.option("header", "true").csv(uri)
+    else:
+        raise ConfigError(
+            f"config key 'ingest.labels' expects 'folder', 'none' or a .csv/.parquet manifest path, "
+            f"got '{uri}'"
+        )
+    missing = {"path", "label"} - set(manifest.columns)
+    if missing:
+        raise ConfigError(
+            f"config key 'ingest.labels': manifest '{uri}' lacks column(s) {sorted(missing)}; "
+            "expected columns path,label"
+        )
+    return manifest.select(
+        F.col("path").alias("_manifest_path"), F.col("label").cast("string").alias("_manifest_label")
+    ).dropDuplicates(["_manifest_path"])
+
+
+def probed_files(files: DataFrame, config: Config) -> DataFrame:
+    """binaryFile rows -> PROBED_SCHEMA rows; oversized files are judged by length, never read."""
+    max_bytes = config.ingest.max_bytes
+    # binaryFile pushes filters on `length` into the scan: oversized files' bytes are never read.
+    small = files.filter(F.col("length") <= max_bytes).select(*BATCH_SCHEMA.names)
+    probed = small.mapInPandas(probe_partition(config.ingest.max_pixels), PROBED_SCHEMA)
+    oversized = files.filter(F.col("length") > max_bytes).select(
+        "path",
+        "modificationTime",
+        "length",
+        F.lit(None).cast("binary").alias("content"),
+        "label",
+        *[F.lit(None).cast(f.dataType).alias(f.name) for f in PROBE_FIELDS[:-2]],
+        F.lit(TOO_LARGE).alias("reason"),
+        F.format_string(f"%d bytes > ingest.max_bytes {max_bytes}", F.col("length")).alias("detail"),
+    )
+    return probed.unionByName(oversized)
+
+
+def image_rows(probed: DataFrame, ingested_at: F.Column) -> DataFrame:
+    """Good files -> `images` rows, one per distinct content (the first path wins)."""
+    first = Window.partitionBy("image_id").orderBy("path")
+    return (
+        probed.filter(F.col("reason").isNull())
+        .withColumn("_rank", F.row_number().over(first))
+        .filter("_rank = 1")
+        .select(
+            "image_id",
+            "path",
+            "label",
+            "format",
+            "width",
+            "height",
+            "channels",
+            "bit_depth",
+            "orientation",
+            F.col("length").alias("size_bytes"),
+            F.col("modificationTime").alias("modified_at"),
+            "content",
+            ingested_at.alias("ingested_at"),
+        )
+    )
+
+
+def quarantine_rows(probed: DataFrame, ingested_at: F.Column) -> DataFrame:
+    return probed.filter(F.col("reason").isNotNull()).select(
+        "path",
+        "reason",
+        "detail",
+        F.lit("ingest").alias("stage"),
+        "image_id",
+        F.col("length").alias("size_bytes"),
+        F.col("modificationTime").alias("modified_at"),
+        ingested_at.alias("ingested_at"),
+    )
+
+
+def ensure_tables(spark: SparkSession, config: Config) -> None:
+    lakehouse.ensure_table(spark, config, "images", IMAGES_SCHEMA)
+    lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
+
+
+def run(spark: SparkSession, config: Config) -> IngestSummary:
+    """Ingest every file of `ingest.source` not taken by an earlier run."""
+    source = config.ingest.source
+    if not source:
+        raise ConfigError("config key 'ingest.source' is required for ingest: a folder or URI of images")
+    ensure_tables(spark, config)
+    checkpoint = lakehouse.lake_path(
+        config, "checkpoints", "ingest", hashlib.sha256(source_uri(source).encode()).hexdigest()[:16]
+    )
+    summary = IngestSummary()
+    started = time.monotonic()
+    stream = (
+        spark.readStream.format("binaryFile")
+        .schema(StructType(BATCH_SCHEMA.fields[:4]))
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", extension_glob(config.ingest.extensions))
+        .option("maxFilesPerTrigger", config.ingest.files_per_batch)
+        # Files keep their old modification times when copied; never skip a file for its age.
+        .option("maxFileAge", "36500d")
+        .load(source)
+    )
+
+    def write_batch(files: DataFrame, batch_id: int) -> None:
+        labelled = label_column(files, spark, config)
+        probed = probed_files(labelled, config).persist(StorageLevel.DISK_ONLY)
+        try:
+            ingested_at = F.current_timestamp()
+            counts = {
+                r["reason"]: r["n"] for r in probed.groupBy("reason").agg(F.count("*").alias("n")).collect()
+            }
+            good = counts.pop(None, 0)
+            quarantined = (
+                lakehouse.merge_new_rows(
+                    config, "quarantine", quarantine_rows(probed, ingested_at), QUARANTINE_KEYS
+                )
+                if counts
+                else 0
+            )
+            inserted = (
+                lakehouse.merge_new_rows(
+                    config, "images", image_rows(probed, ingested_at), ["image_id"]
+                )
+                if good
+                else 0
+            )
+        finally:
+            probed.unpersist()
+        summary.files_seen += good + sum(counts.values())
+        summary.new_images += inserted
+        summary.duplicates += good - inserted
+        summary.quarantined.update(counts)
+        log.info(
+            "ingest batch %d: %d files, %d new, %d quarantined (%d new rows)",
+            batch_id,
+            good + sum(counts.values()),
+            inserted,
+            sum(counts.values()),
+            quarantined,
+        )
+
+    query = (
+        stream.writeStream.foreachBatch(write_batch)
+        .option("checkpointLocation", checkpoint)
+        .trigger(availableNow=True)
+        .queryName("imageiq_ingest")
+        .start()
+    )
+    query.awaitTermination()
+    summary.elapsed_s = time.monotonic() - started
+    lakehouse.register_tables(spark, config)
+    return summary

@@ -1,0 +1,195 @@
+"""Tables of the embedded lakehouse: where they live, how they are created, registered and merged.
+
+Each table is a Delta folder at `<storage.root>/warehouse/<database>.db/<table>`. The catalog is
+rebuilt from those folders whenever a session starts (`register_tables`), so `imageiq sql` sees
+every table and concurrent jobs need no single-writer metastore. On a platform with its own
+metastore (Glue, Hive, Unity) the same `CREATE TABLE IF NOT EXISTS ... LOCATION` registers them
+there for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from delta.exceptions import (
+    ConcurrentAppendException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    MetadataChangedException,
+    ProtocolChangedException,
+)
+from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
+
+from imageiq_spark.config import Config
+from imageiq_spark.session import storage_uri
+
+log = logging.getLogger(__name__)
+
+TABLES = ("images", "quarantine", "prepared", "predictions", "evaluations", "model_aliases")
+CONFLICTS = (
+    ConcurrentAppendException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    MetadataChangedException,
+    ProtocolChangedException,
+)
+T = TypeVar("T")
+
+
+def table_location(config: Config, table: str) -> str:
+    return f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db/{table}"
+
+
+def qualified_name(config: Config, table: str) -> str:
+    return f"`{config.catalog.database}`.`{table}`"
+
+
+def lake_path(config: Config, *parts: str) -> str:
+    """A URI under storage.root for things that are not tables (checkpoints, reports, staging)."""
+    return "/".join([storage_uri(config.storage.root), *parts])
+
+
+def with_conflict_retry(action: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Run a Delta write, retrying when a concurrent writer committed first."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except CONFLICTS as exc:
+            if attempt == attempts:
+                raise
+            delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s: concurrent write (%s); retry %d in %.1fs", what,
+                        type(exc).__name__, attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def ensure_database(spark: SparkSession, config: Config) -> None:
+    location = f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db"
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS `{config.catalog.database}` LOCATION '{location}'")
+
+
+def ensure_table(
+    spark: SparkSession,
+    config: Config,
+    table: str,
+    schema: StructType,
+    partition_by: Iterable[str] = (),
+) -> None:
+    """Create the Delta table at its location if it does not exist yet, and register it."""
+    ensure_database(spark, config)
+
+    def create() -> None:
+        builder = (
+            DeltaTable.createIfNotExists(spark)
+            .tableName(f"{config.catalog.database}.{table}")
+            .location(table_location(config, table))
+            .addColumns(schema)
+        )
+        if partition_by:
+            builder = builder.partitionedBy(*partition_by)
+        builder.execute()
+
+    def create_tolerating_race() -> None:
+        try:
+            create()
+        except AnalysisException:
+            # A concurrent job created the folder between our check and our commit.
+            if not DeltaTable.isDeltaTable(spark, table_location(config, table)):
+                raise
+            register_table(spark, config, table)
+
+    with_conflict_retry(create_tolerating_race, f"create {table}")
+
+
+def register_table(spark: SparkSession, config: Config, table: str) -> bool:
+    """Register an existing table folder in the session's catalog; False if there is none."""
+    location = table_location(config, table)
+    if not DeltaTable.isDeltaTable(spark, location):
+        return False
+    spark.sql(
+        f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} USING DELTA LOCATION '{location}'"
+    )
+    return True
+
+
+def register_tables(spark: SparkSession, config: Config) -> list[str]:
+    """Register every table and view that exists under storage.root; returns the table names."""
+    ensure_database(spark, config)
+    found = [table for table in TABLES if register_table(spark, config, table)]
+    for name, sql in VIEWS.items():
+        if VIEW_NEEDS[name] <= set(found):
+            spark.sql(
+                f"CREATE OR REPLACE VIEW {qualified_name(config, name)} AS "
+                + sql.format(db=config.catalog.database, threshold=config.score.review_threshold)
+            )
+    return found
+
+
+def read_table(spark: SparkSession, config: Config, table: str) -> DataFrame:
+    return spark.read.format("delta").load(table_location(config, table))
+
+
+def table_exists(spark: SparkSession, config: Config, table: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, table_location(config, table))
+
+
+def merge_new_rows(
+    config: Config,
+    table: str,
+    rows: DataFrame,
+    keys: list[str],
+    attempts: int = 5,
+) -> int:
+    """Insert the rows whose keys the table lacks; returns how many were inserted.
+
+    An insert-only MERGE: a rerun or a concurrent run with the same rows inserts nothing, and a
+    conflicting commit is retried against the new table state.
+    """
+    view = f"imageiq_merge_{uuid.uuid4().hex}"
+    # Inside foreachBatch the rows belong to a cloned session: the view and MERGE must use it.
+    session = rows.sparkSession
+    rows.createOrReplaceTempView(view)
+    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    statement = (
+        f"MERGE INTO delta.`{table_location(config, table)}` t USING {view} s ON {condition} "
+        "WHEN NOT MATCHED THEN INSERT *"
+    )
+    try:
+        metrics = with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
+                                      attempts)
+    finally:
+        session.catalog.dropTempView(view)
+    return int(metrics[0]["num_inserted_rows"]) if metrics else 0
+
+
+VIEWS = {
+    "latest_predictions": """
+        SELECT p.* FROM {db}.predictions p
+        JOIN {db}.model_aliases a
+          ON p.model_name = a.model_name AND p.model_version = a.model_version
+        WHERE a.alias = 'champion'""",
+    "daily_label_counts": """
+        SELECT score_date, model_name, model_version, predicted_label, count(*) AS images,
+               avg(confidence) AS mean_confidence
+        FROM {db}.predictions
+        GROUP BY score_date, model_name, model_version, predicted_label""",
+    "review_queue": """
+        SELECT p.image_id, i.path, p.predicted_label, p.confidence, p.top_k, p.model_name,
+               p.model_version, p.scored_at
+        FROM {db}.predictions p JOIN {db}.images i ON p.image_id = i.image_id
+        WHERE p.confidence < {threshold}""",
+}
+VIEW_NEEDS = {
+    "latest_predictions": {"predictions", "model_aliases"},
+    "daily_label_counts": {"predictions"},
+    "review_queue": {"predictions", "images"},
+}

@@ -1,0 +1,121 @@
+"""The one place that builds the SparkSession from the config.
+
+Locally (no spark-submit, no platform) it starts `local[*]` with the Delta jars from the project's
+`jars/` folder, Delta's SQL extension and catalog, a warehouse under `storage.root`, and defaults
+that suit a small machine. Under spark-submit, on EMR or Databricks, the platform's settings win:
+the factory adds only the keys that are not already set, and fetches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pyspark import SparkConf
+from pyspark.sql import SparkSession
+
+from imageiq_spark.config import Config
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+JARS_ENV = "IMAGEIQ_JARS_DIR"
+
+
+def find_jars_dir() -> Path | None:
+    """The folder `make jars` fills: $IMAGEIQ_JARS_DIR, else `jars/` beside the package or the cwd."""
+    candidates = [os.environ.get(JARS_ENV), Path(__file__).resolve().parents[1] / "jars", Path("jars")]
+    for candidate in candidates:
+        if candidate and Path(candidate, "delta").is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+def local_jars(s3: bool) -> list[str]:
+    jars_dir = find_jars_dir()
+    if jars_dir is None:
+        raise RuntimeError(
+            "Delta Lake jars not found: run `make jars` (or set IMAGEIQ_JARS_DIR to a folder "
+            "holding delta/ and s3/ subfolders of jars)"
+        )
+    groups = ["delta", "s3"] if s3 else ["delta"]
+    jars = sorted(str(p) for group in groups for p in (jars_dir / group).glob("*.jar"))
+    if s3 and not list((jars_dir / "s3").glob("*.jar")):
+        raise RuntimeError("S3 jars not found: run `make jars-s3` for s3a:// sources and storage")
+    return jars
+
+
+def platform_managed() -> bool:
+    """True under spark-submit, on Databricks or wherever a session already exists."""
+    return bool(
+        os.environ.get("PYSPARK_GATEWAY_PORT")
+        or os.environ.get("DATABRICKS_RUNTIME_VERSION")
+        or SparkSession.getActiveSession() is not None
+    )
+
+
+def uses_s3(config: Config) -> bool:
+    uris = [config.storage.root, config.ingest.source or "", config.ingest.labels]
+    return any(u.startswith(("s3a://", "s3://")) for u in uris)
+
+
+def local_defaults(config: Config) -> dict[str, str]:
+    root = storage_uri(config.storage.root)
+    python = sys.executable
+    return {
+        "spark.master": "local[*]",
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.warehouse.dir": f"{root}/warehouse",
+        # The catalog is rebuilt from the table folders under storage.root on each start
+        # (lakehouse.register_tables), so concurrent jobs need no single-writer Derby metastore.
+        "spark.sql.catalogImplementation": "in-memory",
+        "spark.sql.shuffle.partitions": "4",
+        # A micro-batch's file list is otherwise listed by one Spark task per file.
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": "4",
+        "spark.default.parallelism": "4",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "1024",
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.showConsoleProgress": "true",
+        "spark.driver.memory": "4g",
+        "spark.pyspark.python": python,
+        "spark.pyspark.driver.python": python,
+        "spark.executorEnv.PYSPARK_PYTHON": python,
+        "spark.executorEnv.MLFLOW_DISABLE_TELEMETRY": "true",
+        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+def storage_uri(root: str) -> str:
+    """A URI for `storage.root`: local paths become absolute `file:` URIs."""
+    if "://" in root or root.startswith("dbfs:"):
+        return root.rstrip("/")
+    return Path(root).expanduser().resolve().as_uri()
+
+
+def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
+    """Build (or join) the SparkSession for this process."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    managed = platform_managed()
+    settings: dict[str, str] = {}
+    if not managed:
+        settings.update(local_defaults(config))
+        settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
+    settings.update(config.spark_conf)
+
+    existing = SparkConf()  # under spark-submit this already holds what spark-submit was given
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in settings.items():
+        if managed and existing.contains(key):
+            continue
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

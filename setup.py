@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith(("#", "-"))
+]
+
+setup(
+    name="imageiq-spark",
+    version="0.1.0",
+    description="Spark-native distributed batch image recognition: Delta tables, OpenCV, "
+    "TensorFlow via Petastorm, MLflow",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["imageiq_spark", "imageiq_spark.*"]),
+    package_data={"imageiq_spark": ["py.typed"]},
+    install_requires=requirements,
+    entry_points={"console_scripts": ["imageiq=imageiq_spark.cli:main"]},
+)
