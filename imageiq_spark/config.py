@@ -19,6 +19,13 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_CONF_PATH = "conf/local.yaml"
+#: Input size `[height, width]` each architecture of the model zoo expects by default.
+MODEL_INPUT_SIZES = {
+    "small_cnn": (32, 32),
+    "mobilenet_v2": (224, 224),
+    "resnet50": (224, 224),
+    "efficientnet_b0": (224, 224),
+}
 
 
 class ConfigError(ValueError):
@@ -169,6 +176,14 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     #: Passed verbatim to the Spark session builder; what spark-submit or the platform sets wins.
     spark_conf: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`preprocess.size`, or the default input size of `train.model`."""
+        if self.preprocess.size:
+            height, width = self.preprocess.size
+            return height, width
+        return MODEL_INPUT_SIZES[self.train.model]
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced, validated like a loaded file."""

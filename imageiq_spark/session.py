@@ -34,18 +34,18 @@ def find_jars_dir() -> Path | None:
     return None
 
 
-def local_jars(s3: bool) -> list[str]:
+def local_jars(s3_required: bool) -> list[str]:
+    """Delta jars, plus the S3A jars when `make jars-s3` fetched them (required for s3a:// URIs)."""
     jars_dir = find_jars_dir()
     if jars_dir is None:
         raise RuntimeError(
             "Delta Lake jars not found: run `make jars` (or set IMAGEIQ_JARS_DIR to a folder "
             "holding delta/ and s3/ subfolders of jars)"
         )
-    groups = ["delta", "s3"] if s3 else ["delta"]
-    jars = sorted(str(p) for group in groups for p in (jars_dir / group).glob("*.jar"))
-    if s3 and not list((jars_dir / "s3").glob("*.jar")):
+    s3_jars = sorted(str(p) for p in (jars_dir / "s3").glob("*.jar"))
+    if s3_required and not s3_jars:
         raise RuntimeError("S3 jars not found: run `make jars-s3` for s3a:// sources and storage")
-    return jars
+    return sorted(str(p) for p in (jars_dir / "delta").glob("*.jar")) + s3_jars
 
 
 def platform_managed() -> bool:

@@ -1,0 +1,54 @@
+"""One Spark session for the whole suite (local[2], UI off, few partitions); each test gets its
+own lakehouse: a fresh `storage.root` under tmp_path and its own database name."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+from imageiq_spark.config import Config, from_dict  # noqa: E402
+
+TEST_SPARK_CONF = {
+    "spark.master": "local[2]",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "2",
+    "spark.default.parallelism": "2",
+    "spark.driver.memory": "2g",
+}
+
+
+def make_config(root: Path, **sections: dict) -> Config:
+    """A Config with its own lakehouse under `root` and a database no other test uses."""
+    data: dict = {
+        "storage": {"root": str(root / "lake")},
+        "catalog": {"database": f"t_{uuid.uuid4().hex[:10]}"},
+        "spark_conf": dict(TEST_SPARK_CONF),
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory):
+    from imageiq_spark.session import get_spark
+
+    config = make_config(tmp_path_factory.mktemp("session"))
+    session = get_spark(config, app_name="imageiq-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
