@@ -131,8 +131,8 @@ def test_rows_hold_every_metric_once(predictions):
 def test_confident_mistakes_are_the_wrong_rows_by_falling_confidence():
     y_true = np.array([0, 1, 1, 0, 1])
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.95, 0.05]])
-    assert metrics.confident_mistakes(y_true, probs, 5).tolist() == [4, 1, 3]
-    assert metrics.confident_mistakes(y_true, probs, 2).tolist() == [4, 1]
+    assert metrics.confident_mistakes(y_true, probs, 5).tolist() == [4, 3, 1]
+    assert metrics.confident_mistakes(y_true, probs, 2).tolist() == [4, 3]
 
 
 def test_pictures_render_as_png(predictions):
