@@ -89,6 +89,10 @@ class PreprocessConfig:
     unsharp_amount: float = 1.0
     unsharp_sigma: float = 1.0
     gamma: float = 1.0
+    #: Grey level (0..255) of the padding `letterbox` adds around the resized image.
+    pad_value: int = 0
+    #: Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the target size.
+    reduced_decode: bool = True
     #: Fractions of images per split, chosen by a hash of `image_id` (stable across reruns).
     split: SplitConfig = field(default_factory=SplitConfig)
     #: Rows per Arrow batch in the preprocessing UDF.
@@ -378,6 +382,15 @@ def _validate(config: Any, prefix: str) -> None:
         _require(config.size == [] or (len(config.size) == 2 and min(config.size) > 0),
                  prefix + "size", "[height, width] of two positive integers", config.size)
         _require(config.gamma > 0, prefix + "gamma", "a positive number", config.gamma)
+        _require(0 <= config.pad_value <= 255, prefix + "pad_value", "an integer 0..255", config.pad_value)
+        _require(config.clahe_clip_limit > 0, prefix + "clahe_clip_limit", "a positive number",
+                 config.clahe_clip_limit)
+        _require(config.clahe_tile_grid > 0, prefix + "clahe_tile_grid", "a positive integer",
+                 config.clahe_tile_grid)
+        _require(config.denoise_strength > 0, prefix + "denoise_strength", "a positive number",
+                 config.denoise_strength)
+        _require(config.unsharp_sigma > 0, prefix + "unsharp_sigma", "a positive number",
+                 config.unsharp_sigma)
         _require(config.batch_rows > 0, prefix + "batch_rows", "a positive integer", config.batch_rows)
     elif isinstance(config, TrainConfig):
         for name in ("epochs", "batch_size", "patience"):

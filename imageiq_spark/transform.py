@@ -1,0 +1,479 @@
+"""The one image transform: encoded bytes -> fixed-size uint8 tensor (numpy in, numpy out, no Spark).
+
+Preprocessing, training, scoring and the exported model all call `prepare_image` / `prepare_batch`
+with the same `TransformSpec`, so the pixels a model sees in production are computed exactly as in
+training (no train/serve skew). Steps, in order:
+
+1. decode with OpenCV (Pillow only for what OpenCV cannot read, such as GIF); JPEGs much larger than
+   the target are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping at least twice the
+   resized size on each side;
+2. EXIF orientation applied (JPEG, PNG, WebP, TIFF);
+3. colour layout to RGB (gray, BGR, BGRA composited over white, CMYK via libjpeg) or to gray;
+   16-bit samples to 8-bit (x / 257, rounded);
+4. resize by policy: `stretch`, `letterbox` (aspect kept, padded with `pad_value`) or
+   `center_crop` (aspect kept, the centre cut out); INTER_AREA when shrinking, bilinear otherwise;
+5. enhancement operators in the order listed: `clahe` (on luminance), `denoise` (non-local means),
+   `unsharp` (unsharp mask), `white_balance` (gray world), `gamma` (out = 255 (in/255)^(1/gamma)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from imageiq_spark.config import Config
+
+#: Bumped whenever the code changes the pixels it produces for the same parameters, so that the
+#: table's `preprocess_version` changes with it.
+ALGORITHM_REVISION = 1
+RESIZE_POLICIES = ("stretch", "letterbox", "center_crop")
+COLORS = ("rgb", "gray")
+ENHANCEMENTS = ("clahe", "denoise", "unsharp", "white_balance", "gamma")
+#: Parameters that only matter when their operator is listed in `enhance`.
+ENHANCE_PARAMS = {
+    "clahe": ("clahe_clip_limit", "clahe_tile_grid"),
+    "denoise": ("denoise_strength",),
+    "unsharp": ("unsharp_amount", "unsharp_sigma"),
+    "white_balance": (),
+    "gamma": ("gamma",),
+}
+DECODE_FAILED, EMPTY, UNSUPPORTED = "decode_failed", "empty", "unsupported"
+
+
+class ImageDecodeError(ValueError):
+    """The bytes could not be turned into a tensor; `reason` is the short quarantine code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """Every parameter of the transform; its `version` hash names the tensors it makes."""
+
+    size: tuple[int, int] = (32, 32)  # (height, width)
+    color: str = "rgb"
+    resize: str = "stretch"
+    enhance: tuple[str, ...] = ()
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    denoise_strength: float = 5.0
+    unsharp_amount: float = 1.0
+    unsharp_sigma: float = 1.0
+    gamma: float = 1.0
+    pad_value: int = 0
+    reduced_decode: bool = True
+
+    def __post_init__(self) -> None:
+        # Normalise lists from JSON/config to tuples so the spec is hashable and compares equal.
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "enhance", tuple(self.enhance))
+        problems = []
+        if len(self.size) != 2 or min(self.size) <= 0:
+            problems.append(f"size expects (height, width) of two positive integers, got {self.size}")
+        if self.color not in COLORS:
+            problems.append(f"color expects one of {COLORS}, got {self.color!r}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"resize expects one of {RESIZE_POLICIES}, got {self.resize!r}")
+        unknown = [e for e in self.enhance if e not in ENHANCEMENTS]
+        if unknown:
+            problems.append(f"enhance expects operators from {ENHANCEMENTS}, got {unknown}")
+        if self.gamma <= 0:
+            problems.append(f"gamma expects a positive number, got {self.gamma}")
+        if not 0 <= self.pad_value <= 255:
+            problems.append(f"pad_value expects an integer 0..255, got {self.pad_value}")
+        if problems:
+            raise ValueError("invalid TransformSpec: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, config: Config) -> TransformSpec:
+        p = config.preprocess
+        return cls(
+            size=config.image_size,
+            color=p.color,
+            resize=p.resize,
+            enhance=tuple(p.enhance),
+            clahe_clip_limit=p.clahe_clip_limit,
+            clahe_tile_grid=p.clahe_tile_grid,
+            denoise_strength=p.denoise_strength,
+            unsharp_amount=p.unsharp_amount,
+            unsharp_sigma=p.unsharp_sigma,
+            gamma=p.gamma,
+            pad_value=p.pad_value,
+            reduced_decode=p.reduced_decode,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe; `from_dict(spec.to_dict()) == spec`."""
+        data = dataclasses.asdict(self)
+        data["size"] = list(self.size)
+        data["enhance"] = list(self.enhance)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"TransformSpec.from_dict: unknown keys {unknown}; expected some of {sorted(names)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def version(self) -> str:
+        """Short stable hash of every parameter that can change the output pixels."""
+        data = self.to_dict()
+        # An operator's parameters count only when the operator is used: tuning an unused one
+        # must not re-prepare the whole table.
+        for operator, params in ENHANCE_PARAMS.items():
+            if operator not in self.enhance:
+                for name in params:
+                    data.pop(name)
+        if self.resize != "letterbox":
+            data.pop("pad_value")
+        data["algorithm_revision"] = ALGORITHM_REVISION
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color == "rgb" else 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.size[0], self.size[1], self.channels
+
+
+# ---------------------------------------------------------------------------------------- decode
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's SOF header as stored (before orientation); None if not found."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if pos + 9 > end:
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return height, width
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def reduction_factor(stored: tuple[int, int], spec: TransformSpec) -> int:
+    """Largest DCT-domain reduction (1, 2, 4 or 8) that leaves >= 2x the resized size on each side.
+
+    The stored size may be rotated by EXIF orientation; both ways are checked, so the choice never
+    depends on the orientation tag.
+    """
+    if not spec.reduced_decode:
+        return 1
+    height, width = stored
+    scale = max(_resize_scale((height, width), spec), _resize_scale((width, height), spec))
+    factor = 1
+    for candidate in (2, 4, 8):
+        if candidate * 2 * scale <= 1.0:
+            factor = candidate
+    return factor
+
+
+def _resize_scale(shape: tuple[int, int], spec: TransformSpec) -> float:
+    """The largest per-axis scale the resize policy applies to an image of `shape`."""
+    sy, sx = spec.size[0] / shape[0], spec.size[1] / shape[1]
+    if spec.resize == "letterbox":
+        return min(sy, sx)
+    return max(sy, sx)  # stretch: per axis, the larger counts; center_crop: the covering scale
+
+
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode(data: bytes | memoryview | np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Bytes -> upright uint8 image, RGB (H, W, 3) or gray (H, W, 1) per `spec.color`."""
+    raw = bytes(data) if isinstance(data, memoryview) else data
+    if raw is None or len(raw) == 0:
+        raise ImageDecodeError(EMPTY, "no bytes to decode")
+    buf = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw
+    head = bytes(buf[:16])
+    order = "bgr"
+    if head.startswith(b"\xff\xd8"):
+        # libjpeg converts gray and CMYK to BGR and OpenCV applies the EXIF orientation.
+        size = jpeg_size(bytes(buf[: min(len(buf), 1 << 16)])) or jpeg_size(bytes(buf))
+        factor = reduction_factor(size, spec) if size else 1
+        image = cv2.imdecode(buf, _REDUCED_FLAGS.get(factor, cv2.IMREAD_COLOR))
+    else:
+        # UNCHANGED keeps alpha and 16-bit samples, but skips OpenCV's orientation handling.
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            image, order = _decode_with_pillow(bytes(buf)), "rgb"
+        elif head.startswith(b"\x89PNG") or head[8:12] == b"WEBP":
+            image = apply_orientation(image, exif_orientation(bytes(buf)))
+    if image is None:
+        raise ImageDecodeError(DECODE_FAILED, f"OpenCV could not decode {len(buf)} bytes "
+                                              f"starting {head[:8].hex()}")
+    return _to_layout(_to_uint8(image), order, spec.color)
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray | None:
+    """GIF (first frame) and other formats OpenCV lacks; RGB/RGBA/L order, orientation applied."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info
+                                      else "RGB")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def exif_orientation(data: bytes) -> int:
+    """EXIF orientation tag of a PNG (eXIf chunk) or WebP (EXIF chunk); 1 when absent."""
+    if data.startswith(b"\x89PNG"):
+        at = data.find(b"eXIf")
+        if at < 8:
+            return 1
+        (length,) = struct.unpack(">I", data[at - 4 : at])
+        block = data[at + 4 : at + 4 + length]
+    else:
+        at = data.find(b"EXIF", 12)
+        if at < 0:
+            return 1
+        (length,) = struct.unpack("<I", data[at + 4 : at + 8])
+        block = data[at + 8 : at + 8 + length]
+    return _tiff_orientation(block[6:] if block.startswith(b"Exif\x00\x00") else block)
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    try:
+        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack(endian + "I", tiff[4:8])
+        (count,) = struct.unpack(endian + "H", tiff[ifd : ifd + 2])
+        for i in range(count):
+            entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, _kind, _n, value = struct.unpack(endian + "HHIH", entry[:10])
+            if tag == 0x0112:
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip an image stored with EXIF `orientation` (1..8) to upright."""
+    if orientation == 2:
+        return cv2.flip(image, 1)
+    if orientation == 3:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(image, 0)
+    if orientation == 5:
+        return cv2.transpose(image)
+    if orientation == 6:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(image), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        # x / 257 maps 0..65535 exactly onto 0..255 (a right shift by 8 would bias downwards).
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if image.dtype in (np.int32, np.uint32):  # Pillow's "I" mode
+        return np.clip(image, 0, 255).astype(np.uint8)
+    if image.dtype in (np.float32, np.float64):  # HDR/EXR/float TIFF in 0..1
+        return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    raise ImageDecodeError(UNSUPPORTED, f"sample type {image.dtype} is not supported")
+
+
+def _to_layout(image: np.ndarray, order: str, color: str) -> np.ndarray:
+    """Any channel layout -> RGB (H, W, 3) or gray (H, W, 1)."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        gray = image
+        if color == "gray":
+            return gray[:, :, None]
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 2:  # gray + alpha
+        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR if order == "bgr" else cv2.COLOR_GRAY2RGB)
+        image = np.dstack([image, image[:, :, :1] * 0 + 255])
+        channels = 4
+    if channels == 4:
+        image = _composite_on_white(image)
+    elif channels != 3:
+        raise ImageDecodeError(UNSUPPORTED, f"{channels} colour channels are not supported")
+    if color == "gray":
+        code = cv2.COLOR_BGR2GRAY if order == "bgr" else cv2.COLOR_RGB2GRAY
+        return cv2.cvtColor(image, code)[:, :, None]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if order == "bgr" else image
+
+
+def _composite_on_white(image: np.ndarray) -> np.ndarray:
+    """Flatten transparency the way a viewer shows it on a white page."""
+    alpha = image[:, :, 3:4].astype(np.uint16)
+    color = image[:, :, :3].astype(np.uint16)
+    return ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- resize
+
+
+def resize(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Fit an (H, W, C) image to `spec.size` by the spec's policy; keeps the channel axis."""
+    th, tw = spec.size
+    h, w = image.shape[:2]
+    if spec.resize == "center_crop":
+        # Cut the target's aspect out of the middle first, then resize once: cheaper than
+        # resizing the whole image and cropping after.
+        scale = max(th / h, tw / w)
+        ch, cw = min(h, round(th / scale)), min(w, round(tw / scale))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        image = image[top : top + ch, left : left + cw]
+        out = _resize_to(image, th, tw)
+    elif spec.resize == "letterbox":
+        scale = min(th / h, tw / w)
+        nh, nw = max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale)))
+        inner = _resize_to(image, nh, nw)
+        out = np.full((th, tw, image.shape[2]), spec.pad_value, np.uint8)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        out[top : top + nh, left : left + nw] = inner
+    else:
+        out = _resize_to(image, th, tw)
+    return out
+
+
+def _resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    shrinking = height <= h and width <= w
+    out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+# ----------------------------------------------------------------------------------- enhancement
+
+
+def enhance(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Apply the spec's enhancement operators in the order listed."""
+    for operator in spec.enhance:
+        image = _OPERATORS[operator](image, spec)
+        if image.ndim == 2:
+            image = image[:, :, None]
+    return image
+
+
+def _clahe(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip_limit,
+                            tileGridSize=(spec.clahe_tile_grid, spec.clahe_tile_grid))
+    if image.shape[2] == 1:
+        return clahe.apply(image[:, :, 0])
+    # Equalise luminance only: equalising R, G and B separately shifts hues.
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = clahe.apply(np.ascontiguousarray(lab[:, :, 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def _denoise(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    h = spec.denoise_strength
+    if image.shape[2] == 1:
+        return cv2.fastNlMeansDenoising(np.ascontiguousarray(image[:, :, 0]), None, h, 7, 21)
+    return cv2.fastNlMeansDenoisingColored(image, None, h, h, 7, 21)
+
+
+def _unsharp(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    blurred = cv2.GaussianBlur(image, (0, 0), spec.unsharp_sigma)
+    return cv2.addWeighted(image, 1.0 + spec.unsharp_amount, blurred, -spec.unsharp_amount, 0)
+
+
+def _white_balance(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    if image.shape[2] == 1:
+        return image  # a gray image has no colour cast
+    # Gray world: scale each channel so that its mean equals the mean over all channels.
+    means = image.reshape(-1, 3).mean(axis=0)
+    gains = means.mean() / np.maximum(means, 1e-6)
+    return np.clip(image.astype(np.float32) * gains.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _gamma(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    table = np.clip(np.rint(255.0 * (np.arange(256) / 255.0) ** (1.0 / spec.gamma)), 0, 255)
+    return cv2.LUT(image, table.astype(np.uint8))
+
+
+_OPERATORS = {
+    "clahe": _clahe,
+    "denoise": _denoise,
+    "unsharp": _unsharp,
+    "white_balance": _white_balance,
+    "gamma": _gamma,
+}
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def prepare_image(data: bytes | memoryview | np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, C) C-contiguous RGB (or gray) tensor of `spec.shape`.
+
+    Raises ImageDecodeError for bytes that are not a decodable image.
+    """
+    try:
+        image = decode(data, spec)
+    except cv2.error as exc:
+        raise ImageDecodeError(DECODE_FAILED, f"OpenCV: {str(exc).strip()[:200]}") from exc
+    out = enhance(resize(image, spec), spec)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def prepare_batch(
+    contents: Sequence[bytes | memoryview | np.ndarray], spec: TransformSpec
+) -> tuple[np.ndarray, list[tuple[int, ImageDecodeError]]]:
+    """Prepare many images: (good tensors stacked (N, H, W, C) uint8, [(index, error) of failures])."""
+    out = np.empty((len(contents), *spec.shape), np.uint8)
+    failures: list[tuple[int, ImageDecodeError]] = []
+    n = 0
+    for index, data in enumerate(contents):
+        try:
+            out[n] = prepare_image(data, spec)
+            n += 1
+        except ImageDecodeError as exc:
+            failures.append((index, exc))
+    return out[:n], failures
