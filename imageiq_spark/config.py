@@ -101,10 +101,17 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Random changes applied to training images only (never to val, test or scoring)."""
+
+    #: Mirror left-right at random (off by default: it turns digits and text into other glyphs).
     flip: bool = False
+    #: Largest rotation, as a fraction of a full turn (0.05 = 18 degrees).
     rotation: float = 0.0
+    #: Largest zoom in or out, as a fraction of the size.
     zoom: float = 0.0
+    #: Largest brightness shift, as a fraction of the 0..255 range.
     brightness: float = 0.0
+    #: Largest contrast change factor around 1.
     contrast: float = 0.0
 
 
@@ -134,6 +141,12 @@ class TrainConfig:
     seed: int | None = 42
     #: Epochs trained with a frozen base before fine-tuning, when pretrained weights are given.
     fine_tune_epochs: int = 3
+    #: Top layers of a pretrained base unfrozen for fine-tuning (BatchNorm layers stay frozen).
+    fine_tune_layers: int = 20
+    #: Threads each reader uses to read and decode batches.
+    reader_workers: int = 2
+    #: Rows held in the shuffle buffer of the training stream.
+    shuffle_buffer: int = 2048
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -393,11 +406,15 @@ def _validate(config: Any, prefix: str) -> None:
                  config.unsharp_sigma)
         _require(config.batch_rows > 0, prefix + "batch_rows", "a positive integer", config.batch_rows)
     elif isinstance(config, TrainConfig):
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "reader_workers", "shuffle_buffer"):
             value = getattr(config, name)
             _require(value > 0, prefix + name, "a positive integer", value)
         _require(config.learning_rate > 0, prefix + "learning_rate", "a positive number",
                  config.learning_rate)
+    elif isinstance(config, AugmentConfig):
+        for name in ("rotation", "zoom", "brightness", "contrast"):
+            value = getattr(config, name)
+            _require(0.0 <= value < 1.0, prefix + name, "a number in [0, 1)", value)
     elif isinstance(config, DistributedConfig):
         _require(config.workers >= 1, prefix + "workers", "an integer >= 1", config.workers)
     elif isinstance(config, ScoreConfig):

@@ -1,0 +1,206 @@
+"""Prepared tensors -> `tf.data`: a Petastorm reader and a native Arrow reader, one interface.
+
+`materialize(...)` writes a split's `tensor` and `label_index` columns once as Parquet under
+`<storage.root>/cache/train/` and returns a picklable `SplitSource`; `SplitSource.open(...)` gives
+a `tf.data.Dataset` of (uint8 [n, h, w, c], int32 [n]) batches for one shard, so Spark barrier
+tasks each read their own. Petastorm (`train.reader: petastorm`) reads through
+`make_spark_converter`; the Arrow reader (`arrow`) reads the same files with `pyarrow.dataset`,
+a tested path beside Petastorm, which is pinned to pyarrow <= 14 and inactive upstream.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+from urllib.parse import urlparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from pyspark.sql import DataFrame  # noqa: E402
+
+from imageiq_spark.config import AugmentConfig, Config  # noqa: E402
+from imageiq_spark.lakehouse import lake_path  # noqa: E402
+
+Reader = Literal["petastorm", "arrow"]
+COLUMNS = ["tensor", "label_index"]
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split materialised for a reader; picklable, so it travels into Spark tasks."""
+
+    reader: Reader
+    rows: int
+    shape: tuple[int, int, int]
+    #: Petastorm's converter (reader `petastorm`) or the Parquet folder URI (reader `arrow`).
+    handle: Any
+
+    def open(
+        self,
+        stack: contextlib.ExitStack,
+        batch_size: int,
+        *,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        repeat: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int | None = None,
+        workers: int = 2,
+        augment: AugmentConfig | None = None,
+    ) -> tf.data.Dataset:
+        """Batches of this split's shard; readers stay open until `stack` closes.
+
+        `repeat` streams the shard forever: with a fixed number of steps per epoch every worker
+        then steps the same number of batches whatever its shard's size.
+        """
+        if self.reader == "petastorm":
+            batches = self._petastorm_batches(stack, batch_size, shard_index, shard_count, repeat,
+                                              shuffle_buffer, seed, workers)
+        else:
+            rows = self._arrow_rows(shard_index, shard_count, repeat, shuffle_buffer, seed)
+            batches = rows.batch(batch_size)
+        height, width, channels = self.shape
+
+        def decode(tensor: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            images = tf.reshape(tf.io.decode_raw(tensor, tf.uint8), [-1, height, width, channels])
+            return images, tf.cast(label, tf.int32)
+
+        dataset = batches.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        if augment is not None and _augments(augment):
+            dataset = dataset.map(augmenter(augment, self.shape, seed),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        # Each worker reads its own shard: TensorFlow must not shard it again.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    def _petastorm_batches(self, stack: contextlib.ExitStack, batch_size: int, shard_index: int,
+                           shard_count: int, repeat: bool, shuffle_buffer: int, seed: int | None,
+                           workers: int) -> tf.data.Dataset:
+        sharding = {"cur_shard": shard_index, "shard_count": shard_count} if shard_count > 1 else {}
+        batches = stack.enter_context(
+            self.handle.make_tf_dataset(
+                batch_size=batch_size, num_epochs=None if repeat else 1, workers_count=workers,
+                shuffling_queue_capacity=shuffle_buffer or None,
+                shuffle_row_groups=shuffle_buffer > 0, seed=seed, **sharding,
+            )
+        )
+        return batches.map(lambda batch: (batch.tensor, batch.label_index))
+
+    def _arrow_rows(self, shard_index: int, shard_count: int, repeat: bool, shuffle_buffer: int,
+                    seed: int | None) -> tf.data.Dataset:
+        uri = self.handle
+        size = int(np.prod(self.shape))
+
+        def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            yield from arrow_batches(uri, size, shard_index, shard_count)
+
+        signature = (
+            tf.TensorSpec(shape=(None,), dtype=tf.string),
+            tf.TensorSpec(shape=(None,), dtype=tf.int32),
+        )
+        rows = tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
+        if repeat:
+            rows = rows.repeat()
+        return rows.shuffle(shuffle_buffer, seed=seed) if shuffle_buffer else rows
+
+
+def arrow_batches(uri: str, row_size: int, shard_index: int = 0, shard_count: int = 1
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tensor bytes [n], label_index [n]) record batches of one shard (rows i % count == index)."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(_local_path(uri), format="parquet")
+    offset = 0
+    for batch in dataset.to_batches(columns=COLUMNS, batch_size=1024):
+        n = batch.num_rows
+        keep = (np.arange(offset, offset + n) % shard_count) == shard_index
+        offset += n
+        tensors = batch.column(0).to_numpy(zero_copy_only=False)
+        labels = batch.column(1).to_numpy(zero_copy_only=False).astype("int32")
+        bad = [i for i, t in enumerate(tensors) if t is None or len(t) != row_size]
+        if bad:
+            raise ValueError(
+                f"prepared tensor of {len(tensors[bad[0]] or b'')} bytes where {row_size} were "
+                "expected; rerun `imageiq preprocess` so every tensor has the configured size"
+            )
+        yield tensors[keep], labels[keep]
+
+
+def augmenter(augment: AugmentConfig, shape: tuple[int, int, int], seed: int | None):
+    """A tf.data map applying the configured random changes to uint8 batches (training only)."""
+    from tf_keras import layers
+
+    steps = []
+    if augment.flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if augment.rotation:
+        steps.append(layers.RandomRotation(augment.rotation, fill_mode="constant", seed=seed))
+    if augment.zoom:
+        steps.append(layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed))
+    if augment.brightness:
+        steps.append(layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed))
+    if augment.contrast:
+        steps.append(layers.RandomContrast(augment.contrast, seed=seed))
+
+    def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(images, tf.float32)
+        for step in steps:
+            x = step(x, training=True)
+        x = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+        return tf.ensure_shape(x, [None, *shape]), labels
+
+    return apply
+
+
+def _augments(augment: AugmentConfig) -> bool:
+    return bool(augment.flip or augment.rotation or augment.zoom or augment.brightness
+                or augment.contrast)
+
+
+def _local_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return parsed.path
+    # pyarrow speaks s3:// where Spark speaks s3a://.
+    return "s3://" + uri[len("s3a://"):] if parsed.scheme == "s3a" else uri
+
+
+def cache_root(config: Config) -> str:
+    return lake_path(config, "cache", "train")
+
+
+def materialize(split: DataFrame, config: Config, reader: Reader, shape: tuple[int, int, int],
+                files: int = 2) -> SplitSource:
+    """Write one split's tensors as Parquet for `reader` (at least `files` files, for sharding)."""
+    rows = split.select(*COLUMNS).repartition(max(files, 1))
+    count = split.count()
+    if reader == "petastorm":
+        from petastorm.spark import SparkDatasetConverter, make_spark_converter
+
+        spark = split.sparkSession
+        spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF,
+                       f"{cache_root(config)}/petastorm")
+        # Small row groups let `files` shards each get row groups of their own.
+        return SplitSource("petastorm", count, shape,
+                           make_spark_converter(rows, parquet_row_group_size_bytes=8 * 2**20))
+    uri = f"{cache_root(config)}/arrow/{uuid.uuid4().hex}"
+    rows.write.parquet(uri)
+    return SplitSource("arrow", count, shape, uri)
+
+
+def release(source: SplitSource) -> None:
+    """Delete a split's cache files."""
+    if source.reader == "petastorm":
+        source.handle.delete()
+    else:
+        shutil.rmtree(_local_path(source.handle), ignore_errors=True)

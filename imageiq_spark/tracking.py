@@ -1,0 +1,132 @@
+"""MLflow set-up shared by train, evaluate and score, and the `model_aliases` table.
+
+Without `mlflow.tracking_uri` the tracking store is SQLite at `<storage.root>/mlflow.db` and the
+artifacts live under `<storage.root>/mlruns`, so a lakehouse folder carries its whole history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType, TimestampType
+
+from imageiq_spark import lakehouse
+from imageiq_spark.config import Config, ConfigError
+from imageiq_spark.session import storage_uri
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ALIASES_SCHEMA = StructType(
+    [
+        StructField("model_name", StringType(), False),
+        StructField("alias", StringType(), False),
+        StructField("model_version", StringType(), False),
+        StructField("updated_at", TimestampType(), False),
+    ]
+)
+
+
+def tracking_uri(config: Config) -> str:
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    root = storage_uri(config.storage.root)
+    if not root.startswith("file:"):
+        raise ConfigError(
+            f"config key 'mlflow.tracking_uri' is required when storage.root ('{config.storage.root}') "
+            "is not a local path: SQLite cannot live in object storage; set it to a tracking server "
+            "(http://...) or a database URI"
+        )
+    path = Path(config.storage.root).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def artifact_location(config: Config) -> str:
+    """`<storage.root>/mlruns`; MLflow speaks `s3://` where Spark speaks `s3a://`."""
+    root = storage_uri(config.storage.root)
+    if root.startswith("s3a://"):
+        root = "s3://" + root[len("s3a://"):]
+    return f"{root}/mlruns"
+
+
+def configure_mlflow(config: Config) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    mlflow.set_tracking_uri(tracking_uri(config))
+    mlflow.set_registry_uri(tracking_uri(config))
+    name = config.mlflow.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location(config))
+        except MlflowException:
+            # A concurrent job created it first.
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def default_model_uri(config: Config) -> str:
+    return f"models:/{config.mlflow.registered_model}@{CHAMPION}"
+
+
+def resolve_model(config: Config, model_uri: str) -> tuple[str, str, str]:
+    """`models:/name@alias` or `models:/name/version` -> (name, version, run_id)."""
+    configure_mlflow(config)
+    if not model_uri.startswith("models:/"):
+        raise ConfigError(
+            f"--model expects a registry URI models:/<name>@<alias> or models:/<name>/<version>, "
+            f"got '{model_uri}'"
+        )
+    ref = model_uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            if not name or not number.isdigit():
+                raise ConfigError(
+                    f"--model expects models:/<name>@<alias> or models:/<name>/<version>, got '{model_uri}'"
+                )
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"--model '{model_uri}' is not in the registry at {tracking_uri(config)}: {exc.message}. "
+            "Train a model first (`imageiq train`) or pass an existing models:/ URI"
+        ) from exc
+    return name, str(version.version), version.run_id
+
+
+def record_alias(spark: SparkSession, config: Config, name: str, alias: str, version: str) -> None:
+    """Upsert (model_name, alias) -> model_version into the Delta table `model_aliases`."""
+    lakehouse.ensure_table(spark, config, "model_aliases", MODEL_ALIASES_SCHEMA)
+    rows = spark.createDataFrame(
+        [(name, alias, str(version))], "model_name string, alias string, model_version string"
+    ).withColumn("updated_at", F.current_timestamp())
+    view = f"imageiq_alias_{os.getpid()}"
+    rows.createOrReplaceTempView(view)
+    statement = (
+        f"MERGE INTO delta.`{lakehouse.table_location(config, 'model_aliases')}` t USING {view} s "
+        "ON t.model_name = s.model_name AND t.alias = s.alias "
+        "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+    )
+    try:
+        lakehouse.with_conflict_retry(lambda: spark.sql(statement).collect(), "merge model_aliases")
+    finally:
+        spark.catalog.dropTempView(view)
+    lakehouse.register_tables(spark, config)
