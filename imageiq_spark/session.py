@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from pyspark import SparkConf
@@ -92,6 +93,28 @@ def local_defaults(config: Config) -> dict[str, str]:
     }
 
 
+def s3a_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """S3A settings from the standard AWS environment variables, for a local session.
+
+    `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`) names an S3-compatible server (MinIO, Ceph, moto),
+    which is addressed path-style, over TLS only for https. The keys themselves are never copied
+    into Spark's conf, which Spark logs and shows in its UI: S3A's default credential chain reads
+    `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, profiles and instance roles
+    itself. boto3 (MLflow's S3 artifact store) reads the same variables.
+    """
+    # s3:// as on EMR, where EMRFS serves it; locally S3A does.
+    settings = {"spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem"}
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        settings["spark.hadoop.fs.s3a.endpoint"] = endpoint
+        settings["spark.hadoop.fs.s3a.path.style.access"] = "true"
+        settings["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(endpoint.startswith("https:")).lower()
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        settings["spark.hadoop.fs.s3a.endpoint.region"] = region
+    return settings
+
+
 def storage_uri(root: str) -> str:
     """A URI for `storage.root`: local paths become absolute `file:` URIs."""
     if "://" in root or root.startswith("dbfs:"):
@@ -108,6 +131,7 @@ def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
     if not managed:
         settings.update(local_defaults(config))
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
+        settings.update(s3a_defaults(os.environ))
     settings.update(config.spark_conf)
 
     existing = SparkConf()  # under spark-submit this already holds what spark-submit was given

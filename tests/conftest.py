@@ -40,10 +40,24 @@ def make_config(root: Path, **sections: dict) -> Config:
 
 
 @pytest.fixture(scope="session")
-def spark(tmp_path_factory: pytest.TempPathFactory):
+def s3_server():
+    """One S3-compatible server (moto) on 127.0.0.1 for the session, started before Spark: S3A
+    settings are static Hadoop conf, and the JVM inherits the AWS variables when it starts."""
+    import s3server
+
+    server, s3 = s3server.start()
+    s3server.export_env(s3)
+    yield s3
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory, s3_server):
     from imageiq_spark.session import get_spark
 
-    config = make_config(tmp_path_factory.mktemp("session"))
+    config = make_config(
+        tmp_path_factory.mktemp("session"), spark_conf={**TEST_SPARK_CONF, **s3_server.spark_conf}
+    )
     session = get_spark(config, app_name="imageiq-tests")
     yield session
     session.stop()
