@@ -53,5 +53,21 @@ bench: install jars
 lint: install
 	$(BIN)/ruff check .
 
+# The project wheel, and the packed environment that spark-submit ships to a cluster with
+# `--archives dist/imageiq-env.tar.gz#environment` (TensorFlow and OpenCV hold native code, which
+# --py-files cannot carry). For EMR (python at /usr/bin/python3.11): make pack PACK_PYTHON_PREFIX=/usr
+PACK_PYTHON_PREFIX ?=
+PACK_VENV := build/pack-venv
+wheel: install
+	rm -rf build/lib build/bdist.* dist/imageiq_spark-*.whl
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
+
+pack: wheel
+	rm -rf $(PACK_VENV) dist/imageiq-env.tar.gz
+	$$($(BIN)/python -c 'import sys; print(sys._base_executable)') -m venv $(PACK_VENV)
+	$(PACK_VENV)/bin/pip install -q -c constraints.txt dist/imageiq_spark-*.whl
+	$(BIN)/venv-pack -q --prefix $(PACK_VENV) --output dist/imageiq-env.tar.gz \
+		$(if $(PACK_PYTHON_PREFIX),--python-prefix $(PACK_PYTHON_PREFIX))
+
 clean:
 	rm -rf lake data build dist *.egg-info .pytest_cache
