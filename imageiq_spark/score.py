@@ -1,0 +1,409 @@
+"""Score: images without a prediction from a model version -> `predictions` (gold), + SQL views.
+
+One pass over `images`: each Spark task decodes, preprocesses and predicts Arrow batches
+(`mapInArrow`), with the model loaded once per Python worker. Where the time goes and why it is
+built this way (measured in benchmarks/bench_score.py):
+
+- Arrow carries uint8 bytes, never float32 arrays: raw file bytes for the job, or the prepared
+  tensors' bytes for `predict_tensors`, viewed as an NHWC array without a copy.
+- Predictions leave as Arrow columns built from whole numpy arrays (top-k as a list<struct>),
+  with no per-row Python.
+- Each worker process gets as many TensorFlow threads as its task has cores
+  (`spark.task.cpus`), so two workers on two cores do not start a thread per core each.
+- GPUs: run executors with `spark.executor.resource.gpu.amount=1` and
+  `spark.task.resource.gpu.amount` (1, or a fraction to share a GPU between tasks) plus a
+  discovery script; each worker then sees only the GPU(s) Spark assigned to its task
+  (CUDA_VISIBLE_DEVICES) and TensorFlow places the model there. Without GPUs it runs on CPU.
+
+Incremental and safe to rerun or to run twice at once: only images with no prediction from the
+model version are read (anti-join); results go to a staging folder first, so a retried MERGE
+never recomputes the model; an insert-only MERGE on (image_id, model_name, model_version), retried
+on Delta conflicts, adds each row once. Undecodable images go to `quarantine` (stage `score`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    DateType,
+    DoubleType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from imageiq_spark import lakehouse
+from imageiq_spark.config import Config
+
+log = logging.getLogger(__name__)
+
+TOP_K_TYPE = ArrayType(
+    StructType([StructField("label", StringType(), True), StructField("probability", DoubleType(), True)])
+)
+PREDICTIONS_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), False),
+        StructField("predicted_label", StringType(), True),
+        StructField("confidence", DoubleType(), True),
+        StructField("top_k", TOP_K_TYPE, True),
+        StructField("model_name", StringType(), False),
+        StructField("model_version", StringType(), False),
+        StructField("run_id", StringType(), True),
+        StructField("scored_at", TimestampType(), False),
+        StructField("score_date", DateType(), False),
+    ]
+)
+PREDICTION_KEYS = ["image_id", "model_name", "model_version"]
+# What the inference UDF returns per image: a prediction, or the reason it could not decode.
+SCORED_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), True),
+        StructField("predicted_label", StringType(), True),
+        StructField("confidence", DoubleType(), True),
+        StructField("top_k", TOP_K_TYPE, True),
+        StructField("error", StringType(), True),
+        StructField("error_detail", StringType(), True),
+    ]
+)
+_ARROW_TOP_K = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))
+_ARROW_SCORED = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("predicted_label", pa.string()),
+        ("confidence", pa.float64()),
+        ("top_k", _ARROW_TOP_K),
+        ("error", pa.string()),
+        ("error_detail", pa.string()),
+    ]
+)
+
+
+class Predictor(Protocol):
+    """What the worker needs from a model; `classifier.ImageClassifier` is one."""
+
+    labels: list[str]
+    spec: Any  # transform.TransformSpec: how raw bytes become the model's input
+
+    def predict_tensors(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class ModelLoader(Protocol):
+    """Picklable recipe for a Predictor; `key` names the exact model (made on the driver)."""
+
+    key: str
+
+    def __call__(self) -> Predictor: ...
+
+
+@dataclass(frozen=True)
+class RegistryLoader:
+    """Loads a model version from the MLflow registry (on a worker: the project's own store)."""
+
+    config: Config
+    model_uri: str
+    key: str
+
+    def __call__(self) -> Predictor:
+        from imageiq_spark.classifier import load_classifier
+        from imageiq_spark.tracking import configure_mlflow
+
+        configure_mlflow(self.config)
+        return load_classifier(self.model_uri)
+
+
+@dataclass(frozen=True)
+class DirectoryLoader:
+    """Loads an `ImageClassifier.save` directory (a local or shared path)."""
+
+    directory: str
+    key: str
+
+    def __call__(self) -> Predictor:
+        from imageiq_spark.classifier import ImageClassifier
+
+        return ImageClassifier.load(self.directory)
+
+
+# --- the per-worker side ----------------------------------------------------------------------
+
+# Like pyspark.ml.functions' ModelCache: models by driver-made key, a few at most, per process.
+_MODELS: OrderedDict[str, Predictor] = OrderedDict()
+_MODELS_LOCK = threading.Lock()
+_MODELS_KEPT = 2
+
+
+def _place_worker(threads: int) -> None:
+    """Before TensorFlow starts in this process: its GPU(s) and thread counts."""
+    if "tensorflow" in sys.modules:
+        return
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    if gpus is not None and gpus.addresses:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def cached_model(loader: ModelLoader, threads: int) -> Predictor:
+    """This worker's copy of the model; loaded on first use, then reused by every task."""
+    with _MODELS_LOCK:
+        model = _MODELS.get(loader.key)
+        if model is None:
+            _place_worker(threads)
+            model = loader()
+            _MODELS[loader.key] = model
+            while len(_MODELS) > _MODELS_KEPT:
+                _MODELS.popitem(last=False)
+        _MODELS.move_to_end(loader.key)
+        return model
+
+
+def tensors_from_binary(column: pa.Array, shape: tuple[int, int, int]) -> np.ndarray:
+    """A binary column of same-size uint8 tensors as one [n, h, w, c] array, without copying."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    size = int(np.prod(shape))
+    if column.null_count:
+        raise ValueError("tensor column holds nulls; every prepared row must have a tensor")
+    _, offsets_buffer, data = column.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32)[column.offset: column.offset + n + 1]
+    if n and not np.all(np.diff(offsets) == size):
+        raise ValueError(
+            f"tensors must all be {size} bytes (shape {list(shape)}); prepare the images with "
+            "the model's preprocessing version"
+        )
+    flat = np.frombuffer(data, np.uint8)[offsets[0]: offsets[0] + n * size] if n else np.zeros(0, np.uint8)
+    return flat.reshape(n, *shape)
+
+
+def predictions_batch(
+    image_ids: pa.Array, probs: np.ndarray, labels: list[str], top_k: int
+) -> pa.RecordBatch:
+    """Arrow rows of predictions built column-wise: the label, its probability and the top k."""
+    n = len(probs)
+    k = max(1, min(top_k, len(labels)))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_p = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    vocabulary = pa.array(labels, pa.string())
+    flat_labels = vocabulary.take(pa.array(top.reshape(-1)))
+    entries = pa.StructArray.from_arrays(
+        [flat_labels, pa.array(top_p.reshape(-1))], names=["label", "probability"]
+    )
+    top_k_column = pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                            entries)
+    return pa.RecordBatch.from_arrays(
+        [
+            image_ids,
+            vocabulary.take(pa.array(top[:, 0])) if n else pa.array([], pa.string()),
+            pa.array(top_p[:, 0]) if n else pa.array([], pa.float64()),
+            top_k_column.cast(_ARROW_TOP_K),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.string()),
+        ],
+        schema=_ARROW_SCORED,
+    )
+
+
+def failures_batch(image_ids: list[str], reasons: list[str], details: list[str]) -> pa.RecordBatch:
+    n = len(image_ids)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(image_ids, pa.string()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.float64()),
+            pa.nulls(n, _ARROW_TOP_K),
+            pa.array(reasons, pa.string()),
+            pa.array(details, pa.string()),
+        ],
+        schema=_ARROW_SCORED,
+    )
+
+
+@dataclass(frozen=True)
+class ScoreBatches:
+    """The `mapInArrow` function: (image_id, content | tensor) batches -> SCORED_SCHEMA batches.
+
+    A module-level class, so workers import it (and its model cache) instead of unpickling a
+    private copy of the cache with every task.
+    """
+
+    loader: ModelLoader
+    top_k: int
+    threads: int
+    tensor_shape: tuple[int, int, int] | None = None  # set: input is prepared tensors, not bytes
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from imageiq_spark.transform import prepare_batch
+
+        model = cached_model(self.loader, self.threads)
+        for batch in batches:
+            ids = batch.column(0)
+            if self.tensor_shape is not None:
+                probs = model.predict_tensors(tensors_from_binary(batch.column(1), self.tensor_shape))
+                yield predictions_batch(ids, probs, model.labels, self.top_k)
+                continue
+            tensors, failures = prepare_batch(batch.column(1).to_pylist(), model.spec)
+            probs = model.predict_tensors(tensors)
+            if not failures:
+                yield predictions_batch(ids, probs, model.labels, self.top_k)
+                continue
+            ok = np.ones(len(ids), bool)
+            ok[[index for index, _ in failures]] = False
+            yield predictions_batch(ids.filter(pa.array(ok)), probs, model.labels, self.top_k)
+            yield failures_batch([ids[index].as_py() for index, _ in failures],
+                                 [error.reason for _, error in failures],
+                                 [error.detail for _, error in failures])
+
+
+# --- the driver side --------------------------------------------------------------------------
+
+
+def task_threads(spark: SparkSession) -> int:
+    """Cores each task may use: TensorFlow's thread count in each worker."""
+    return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))
+
+
+def spread(df: DataFrame, spark: SparkSession) -> DataFrame:
+    """At least one partition per core: a small table in one file would otherwise use one core."""
+    cores = spark.sparkContext.defaultParallelism
+    return df.repartition(cores) if df.rdd.getNumPartitions() < cores else df
+
+
+def score_contents(df: DataFrame, loader: ModelLoader, top_k: int) -> DataFrame:
+    """(image_id, content) rows -> SCORED_SCHEMA rows: decode, preprocess and predict in one pass."""
+    spark = df.sparkSession
+    scorer = ScoreBatches(loader, top_k, task_threads(spark))
+    return spread(df.select("image_id", "content"), spark).mapInArrow(scorer, SCORED_SCHEMA)
+
+
+def score_tensors(
+    df: DataFrame, loader: ModelLoader, shape: tuple[int, int, int], top_k: int
+) -> DataFrame:
+    """(image_id, tensor) rows of prepared uint8 tensors -> SCORED_SCHEMA rows."""
+    spark = df.sparkSession
+    scorer = ScoreBatches(loader, top_k, task_threads(spark), tuple(shape))
+    return spread(df.select("image_id", "tensor"), spark).mapInArrow(scorer, SCORED_SCHEMA)
+
+
+def unscored(images: DataFrame, predictions: DataFrame | None, name: str, version: str) -> DataFrame:
+    """Images with no prediction from this model version."""
+    if predictions is None:
+        return images
+    done = predictions.where((F.col("model_name") == name) & (F.col("model_version") == version))
+    return images.join(done.select("image_id"), "image_id", "left_anti")
+
+
+def with_model_columns(scored: DataFrame, name: str, version: str, run_id: str | None,
+                       scored_at: datetime.datetime) -> DataFrame:
+    return scored.select(
+        "image_id", "predicted_label", "confidence", "top_k",
+        F.lit(name).alias("model_name"),
+        F.lit(version).alias("model_version"),
+        F.lit(run_id).cast("string").alias("run_id"),
+        F.lit(scored_at).cast("timestamp").alias("scored_at"),
+        F.lit(scored_at.date()).alias("score_date"),
+        "error", "error_detail",
+    )
+
+
+def remove_staging(uri: str) -> None:
+    """Staging folders are local files in the embedded lakehouse; elsewhere a lifecycle rule ages them out."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        shutil.rmtree(parsed.path, ignore_errors=True)
+    else:
+        log.info("staging folder %s left for the storage's lifecycle rule", uri)
+
+
+@dataclass
+class ScoreSummary:
+    model_name: str
+    model_version: str
+    candidates: int = 0
+    inserted: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0
+        return [
+            f"model:        {self.model_name} version {self.model_version}",
+            f"to score:     {self.candidates}",
+            f"predictions:  {self.inserted} new",
+            f"quarantined:  {self.failed}",
+            f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
+        ]
+
+
+def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> ScoreSummary:
+    """Score every image without a prediction from the model version behind `model_uri`."""
+    from imageiq_spark import tracking
+    from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
+
+    started = time.monotonic()
+    uri = model_uri or tracking.default_model_uri(config)
+    name, version, run_id = tracking.resolve_model(config, uri)
+    pinned = f"models:/{name}/{version}"
+    # The key names the exact version and run, so a worker never serves a stale model.
+    loader = RegistryLoader(config, pinned, key=f"{pinned}#{run_id}")
+    summary = ScoreSummary(name, version)
+
+    if not lakehouse.table_exists(spark, config, "images"):
+        raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
+    lakehouse.ensure_table(spark, config, "predictions", PREDICTIONS_SCHEMA)
+    images = lakehouse.read_table(spark, config, "images")
+    todo = unscored(images.select("image_id", "content"),
+                    lakehouse.read_table(spark, config, "predictions"), name, version)
+
+    scored_at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    staging = lakehouse.lake_path(config, "staging", "predictions", uuid.uuid4().hex)
+    try:
+        with_model_columns(score_contents(todo, loader, config.score.top_k), name, version, run_id,
+                           scored_at).write.parquet(staging)
+        staged = spark.read.parquet(staging)
+        summary.candidates = staged.count()
+        good = staged.where(F.col("error").isNull()).select(*PREDICTIONS_SCHEMA.fieldNames())
+        summary.inserted = lakehouse.merge_new_rows(config, "predictions", good, PREDICTION_KEYS,
+                                                    attempts=config.score.merge_retries)
+        failed = staged.where(F.col("error").isNotNull())
+        summary.failed = failed.count()
+        if summary.failed:
+            lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
+            rows = failed.join(images.select("image_id", "path", "size_bytes", "modified_at"),
+                               "image_id").select(
+                "path", F.col("error").alias("reason"), F.col("error_detail").alias("detail"),
+                F.lit("score").alias("stage"), "image_id", "size_bytes", "modified_at",
+                F.col("scored_at").alias("ingested_at"),
+            )
+            lakehouse.merge_new_rows(config, "quarantine", rows, QUARANTINE_KEYS,
+                                     attempts=config.score.merge_retries)
+    finally:
+        remove_staging(staging)
+    lakehouse.register_tables(spark, config)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
