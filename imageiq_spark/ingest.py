@@ -15,9 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import pandas as pd
 from pyspark import StorageLevel
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -30,9 +32,9 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from imageiq_spark import lakehouse
+from imageiq_spark import faults, lakehouse
 from imageiq_spark.config import Config, ConfigError
-from imageiq_spark.probe import TOO_LARGE, ProbeError, probe
+from imageiq_spark.probe import EMPTY, TOO_LARGE, ProbeError, probe
 from imageiq_spark.session import storage_uri
 
 log = logging.getLogger(__name__)
@@ -126,13 +128,14 @@ def source_uri(source: str) -> str:
     return "file:" + uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-def probe_partition(max_pixels: int):
+def probe_partition(max_pixels: int, fault_inject: str = ""):
     """A mapInPandas function: hash and probe each file's bytes; never decodes pixels."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             records = []
-            for content in batch["content"]:
+            for path, content in zip(batch["path"], batch["content"]):
+                faults.inject(path, fault_inject)
                 data = bytes(content)
                 record: dict[str, object] = {"image_id": hashlib.sha256(data).hexdigest()}
                 try:
@@ -202,12 +205,18 @@ def read_manifest(spark: SparkSession, uri: str) -> DataFrame:
     ).dropDuplicates(["_manifest_path"])
 
 
-def probed_files(files: DataFrame, config: Config) -> DataFrame:
-    """binaryFile rows -> PROBED_SCHEMA rows; oversized files are judged by length, never read."""
+def probed_files(files: DataFrame, config: Config, crashed: list[str] | None = None) -> DataFrame:
+    """binaryFile rows -> PROBED_SCHEMA rows; oversized files are judged by length, never read.
+
+    Files in `crashed` killed a Python worker before (`faults`): they are quarantined unprobed.
+    """
     max_bytes = config.ingest.max_bytes
     # binaryFile pushes filters on `length` into the scan: oversized files' bytes are never read.
     small = files.filter(F.col("length") <= max_bytes).select(*BATCH_SCHEMA.names)
-    probed = small.mapInPandas(probe_partition(config.ingest.max_pixels), PROBED_SCHEMA)
+    if crashed:
+        small = small.filter(~F.col("path").isin(crashed))
+    fault_inject = config.ingest.fault_inject_path_contains
+    probed = small.mapInPandas(probe_partition(config.ingest.max_pixels, fault_inject), PROBED_SCHEMA)
     oversized = files.filter(F.col("length") > max_bytes).select(
         "path",
         "modificationTime",
@@ -218,6 +227,14 @@ def probed_files(files: DataFrame, config: Config) -> DataFrame:
         F.lit(TOO_LARGE).alias("reason"),
         F.format_string(f"%d bytes > ingest.max_bytes {max_bytes}", F.col("length")).alias("detail"),
     )
+    if crashed:
+        oversized = oversized.unionByName(
+            files.filter(F.col("path").isin(crashed)).select(
+                *oversized.columns[:-2],
+                F.lit(faults.WORKER_CRASH).alias("reason"),
+                F.lit("the Python worker process died while probing this file").alias("detail"),
+            )
+        )
     return probed.unionByName(oversized)
 
 
@@ -259,6 +276,43 @@ def quarantine_rows(probed: DataFrame, ingested_at: F.Column) -> DataFrame:
     )
 
 
+def empty_files(session: SparkSession, checkpoint: str, batch_id: int, probed: DataFrame,
+                rows_seen: int) -> list[str]:
+    """Zero-length files of a micro-batch: binaryFile yields no row for them (a file of 0 bytes
+    has no split), so they are found as the files the stream's source log lists for this batch
+    without a row."""
+    listed = batch_files(session, checkpoint, batch_id)
+    if len(listed) <= rows_seen:
+        return []
+    return sorted(listed - {r.path for r in probed.select("path").collect()})
+
+
+def batch_files(session: SparkSession, checkpoint: str, batch_id: int) -> set[str]:
+    """The files the streaming file source logged for `batch_id` (in its own log file, or in the
+    `.compact` file that absorbed it), as binaryFile's `path` column spells them."""
+    entry = "struct<path:string,batchId:long>"
+    for name in (f"{batch_id}", f"{batch_id}.compact"):
+        try:
+            lines = session.read.text(f"{checkpoint}/sources/0/{name}")
+            rows = (lines.filter(F.col("value").startswith("{"))
+                    .select(F.from_json("value", entry).alias("e"))
+                    .filter(F.col("e.batchId") == batch_id).select("e.path").collect())
+        except AnalysisException:  # this batch's entries are in the other file
+            continue
+        return {unquote(r.path).replace("file:///", "file:/", 1) for r in rows}
+    return set()
+
+
+def empty_file_rows(session: SparkSession, paths: list[str], ingested_at: F.Column) -> DataFrame:
+    rows = session.createDataFrame([(p,) for p in paths], "path string")
+    return rows.select(
+        "path", F.lit(EMPTY).alias("reason"), F.lit("file has 0 bytes").alias("detail"),
+        F.lit("ingest").alias("stage"), F.lit(None).cast("string").alias("image_id"),
+        F.lit(0).cast("long").alias("size_bytes"), F.lit(None).cast("timestamp").alias("modified_at"),
+        ingested_at.alias("ingested_at"),
+    )
+
+
 def ensure_tables(spark: SparkSession, config: Config) -> None:
     lakehouse.ensure_table(spark, config, "images", IMAGES_SCHEMA)
     lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
@@ -287,25 +341,41 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
     )
 
     def write_batch(files: DataFrame, batch_id: int) -> None:
+        try:
+            write_files(files, batch_id, crashed=[])
+        except Exception as exc:  # a Py4J error from Spark: only a dead Python worker is handled
+            if not faults.is_worker_crash(exc):
+                raise
+            labelled = label_column(files, spark, config)
+            crashed = faults.crashing_keys(
+                sorted(r.path for r in files.select("path").collect()),
+                lambda subset: probed_files(labelled.filter(F.col("path").isin(subset)), config).count(),
+            )
+            if not crashed:
+                raise
+            log.warning("ingest batch %d: a Python worker died on %d file(s); quarantined: %s",
+                        batch_id, len(crashed), ", ".join(crashed))
+            write_files(files, batch_id, crashed)
+
+    def write_files(files: DataFrame, batch_id: int, crashed: list[str]) -> None:
         labelled = label_column(files, spark, config)
-        probed = probed_files(labelled, config).persist(StorageLevel.DISK_ONLY)
+        probed = probed_files(labelled, config, crashed).persist(StorageLevel.DISK_ONLY)
         try:
             ingested_at = F.current_timestamp()
-            counts = {
+            counts = Counter({
                 r["reason"]: r["n"] for r in probed.groupBy("reason").agg(F.count("*").alias("n")).collect()
-            }
+            })
             good = counts.pop(None, 0)
-            quarantined = (
-                lakehouse.merge_new_rows(
-                    config, "quarantine", quarantine_rows(probed, ingested_at), QUARANTINE_KEYS
-                )
-                if counts
-                else 0
-            )
+            rejected = quarantine_rows(probed, ingested_at)
+            empties = empty_files(files.sparkSession, checkpoint, batch_id, probed,
+                                  good + sum(counts.values()))
+            if empties:
+                counts[EMPTY] += len(empties)
+                rejected = rejected.unionByName(empty_file_rows(files.sparkSession, empties, ingested_at))
+            if counts:
+                lakehouse.merge_new_rows(config, "quarantine", rejected, QUARANTINE_KEYS)
             inserted = (
-                lakehouse.merge_new_rows(
-                    config, "images", image_rows(probed, ingested_at), ["image_id"]
-                )
+                lakehouse.merge_new_rows(config, "images", image_rows(probed, ingested_at), ["image_id"])
                 if good
                 else 0
             )
@@ -315,14 +385,8 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         summary.new_images += inserted
         summary.duplicates += good - inserted
         summary.quarantined.update(counts)
-        log.info(
-            "ingest batch %d: %d files, %d new, %d quarantined (%d new rows)",
-            batch_id,
-            good + sum(counts.values()),
-            inserted,
-            sum(counts.values()),
-            quarantined,
-        )
+        log.info("ingest batch %d: %d files, %d new images, %d quarantined", batch_id,
+                 good + sum(counts.values()), inserted, sum(counts.values()))
 
     query = (
         stream.writeStream.foreachBatch(write_batch)
@@ -333,5 +397,4 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
     )
     query.awaitTermination()
     summary.elapsed_s = time.monotonic() - started
-    lakehouse.register_tables(spark, config)
     return summary

@@ -1,0 +1,51 @@
+"""Shared pieces of the stage benchmarks: timing, the bench Spark session, a Markdown table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imageiq_spark.config import Config, from_dict
+
+BENCH_SPARK_CONF = {
+    "spark.master": "local[2]",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "2",
+}
+
+
+def bench_config(root: Path, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {"storage": {"root": str(root)}, "spark_conf": dict(BENCH_SPARK_CONF)}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return from_dict(data)
+
+
+def timed(action: Callable[[], Any], repeats: int = 3,
+          setup: Callable[[], Any] | None = None) -> list[float]:
+    """Wall-clock seconds of `action` for each repeat; `setup` runs untimed before each."""
+    seconds = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        started = time.perf_counter()
+        action()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
