@@ -46,6 +46,10 @@ demo: install jars
 	$(BIN)/imageiq sample-data $(SAMPLE)
 	$(BIN)/imageiq --set ingest.source=$(SAMPLE) run-all
 	$(BIN)/imageiq sql "SELECT label, count(*) AS n FROM imageiq.images GROUP BY label ORDER BY label" --format csv
+	$(BIN)/imageiq sql "SELECT model_version, round(value, 4) AS test_accuracy FROM imageiq.evaluations \
+	  WHERE split = 'test' AND metric = 'accuracy' AND class IS NULL ORDER BY model_version"
+	$(BIN)/imageiq sql "SELECT predicted_label, count(*) AS images, round(avg(confidence), 3) AS mean_confidence \
+	  FROM imageiq.latest_predictions GROUP BY predicted_label ORDER BY predicted_label"
 
 bench: install jars
 	$(BIN)/python -m benchmarks.run

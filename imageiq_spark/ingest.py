@@ -323,6 +323,8 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
     source = config.ingest.source
     if not source:
         raise ConfigError("config key 'ingest.source' is required for ingest: a folder or URI of images")
+    if config.ingest.labels not in ("folder", "none"):
+        read_manifest(spark, config.ingest.labels)  # a bad manifest is a config error, before any work
     ensure_tables(spark, config)
     checkpoint = lakehouse.lake_path(
         config, "checkpoints", "ingest", hashlib.sha256(source_uri(source).encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ import image_files
 import pandas as pd
 import pytest
 from conftest import make_config
+from images import bmp, camera_scene, gray_png, jpeg, png, quadrants
 from pyspark.sql import Row
 from pyspark.testing import assertDataFrameEqual
 
@@ -43,8 +44,9 @@ def source(tmp_path: Path) -> Path:
 
 
 def test_odd_but_good_formats_are_ingested_with_their_probed_layout(spark, tmp_path, source):
-    write(source, {f"cats/nested/deeper/{name}": make() for name, (make, *_)
-                   in image_files.GOOD_FILES.items()})
+    write(
+        source, {f"cats/nested/deeper/{name}": make() for name, (make, *_) in image_files.GOOD_FILES.items()}
+    )
     config = make_config(tmp_path, ingest={"source": str(source)})
 
     summary = ingest.run(spark, config)
@@ -54,15 +56,20 @@ def test_odd_but_good_formats_are_ingested_with_their_probed_layout(spark, tmp_p
         for name, (_make, fmt, w, h, c, b) in image_files.GOOD_FILES.items()
     ]
     actual = images(spark, config).selectExpr(
-        "element_at(split(path, '/'), -1) AS name", "label", "format", "width", "height",
-        "channels", "bit_depth",
+        "element_at(split(path, '/'), -1) AS name",
+        "label",
+        "format",
+        "width",
+        "height",
+        "channels",
+        "bit_depth",
     )
     assertDataFrameEqual(actual, expected)
     assert (summary.new_images, summary.duplicates, sum(summary.quarantined.values())) == (11, 0, 0)
 
 
 def test_image_id_is_the_sha256_of_the_bytes_and_content_is_kept(spark, tmp_path, source):
-    data = image_files.jpeg_rgb()
+    data = jpeg(quadrants(24, 32))
     write(source, {"a/one.jpg": data})
     config = make_config(tmp_path, ingest={"source": str(source)})
 
@@ -75,7 +82,8 @@ def test_image_id_is_the_sha256_of_the_bytes_and_content_is_kept(spark, tmp_path
 
 
 def test_exif_orientation_is_recorded(spark, tmp_path, source):
-    write(source, {"x/rotated.jpg": image_files.jpeg_exif_rotated(), "x/upright.jpg": image_files.jpeg_rgb()})
+    rotated = image_files.GOOD_FILES["rotated.jpg"][0]()
+    write(source, {"x/rotated.jpg": rotated, "x/upright.jpg": jpeg(quadrants(24, 32))})
     config = make_config(tmp_path, ingest={"source": str(source)})
 
     ingest.run(spark, config)
@@ -87,35 +95,49 @@ def test_exif_orientation_is_recorded(spark, tmp_path, source):
 
 
 def test_each_broken_file_is_quarantined_with_its_reason_and_the_rest_ingested(spark, tmp_path, source):
-    write(source, {
-        "d/empty.png": b"",
-        "d/text.png": b"this is not an image at all",
-        "d/bad_crc.png": image_files.png_bad_crc(),
-        "d/cut.jpg": image_files.jpeg_truncated(),
-        "d/huge_header.png": image_files.png_header_only(20_000, 20_000),
-        "d/big_file.jpg": image_files.jpeg_rgb(400, 400),
-        "d/good.png": image_files.png_gray(),
-    })
-    config = make_config(tmp_path, ingest={"source": str(source), "max_pixels": 10_000_000,
-                                           "max_bytes": 5_000})
+    write(
+        source,
+        {
+            "d/empty.png": b"",
+            "d/text.png": b"this is not an image at all",
+            "d/bad_crc.png": image_files.png_bad_crc(),
+            "d/cut.jpg": image_files.jpeg_truncated(),
+            "d/huge_header.png": image_files.png_header_only(20_000, 20_000),
+            "d/big_file.jpg": jpeg(camera_scene(200, 200)),
+            "d/good.png": gray_png(quadrants(20, 30)[:, :, 0]),
+        },
+    )
+    config = make_config(
+        tmp_path, ingest={"source": str(source), "max_pixels": 10_000_000, "max_bytes": 5_000}
+    )
 
     summary = ingest.run(spark, config)
 
     reasons = quarantine(spark, config).selectExpr(
-        "element_at(split(path, '/'), -1) AS name", "reason", "stage")
-    assertDataFrameEqual(reasons, [
-        Row(name="empty.png", reason="empty", stage="ingest"),
-        Row(name="text.png", reason="not_image", stage="ingest"),
-        Row(name="bad_crc.png", reason="corrupt", stage="ingest"),
-        Row(name="cut.jpg", reason="truncated", stage="ingest"),
-        Row(name="huge_header.png", reason="too_many_pixels", stage="ingest"),
-        Row(name="big_file.jpg", reason="too_large", stage="ingest"),
-    ])
+        "element_at(split(path, '/'), -1) AS name", "reason", "stage"
+    )
+    assertDataFrameEqual(
+        reasons,
+        [
+            Row(name="empty.png", reason="empty", stage="ingest"),
+            Row(name="text.png", reason="not_image", stage="ingest"),
+            Row(name="bad_crc.png", reason="corrupt", stage="ingest"),
+            Row(name="cut.jpg", reason="truncated", stage="ingest"),
+            Row(name="huge_header.png", reason="too_many_pixels", stage="ingest"),
+            Row(name="big_file.jpg", reason="too_large", stage="ingest"),
+        ],
+    )
     detail = quarantine(spark, config).filter("reason = 'too_large'").first().detail
     assert "ingest.max_bytes 5000" in detail
     assert [r.path.rsplit("/", 1)[-1] for r in images(spark, config).collect()] == ["good.png"]
-    assert dict(summary.quarantined) == {"empty": 1, "not_image": 1, "corrupt": 1, "truncated": 1,
-                                         "too_many_pixels": 1, "too_large": 1}
+    assert dict(summary.quarantined) == {
+        "empty": 1,
+        "not_image": 1,
+        "corrupt": 1,
+        "truncated": 1,
+        "too_many_pixels": 1,
+        "too_large": 1,
+    }
 
 
 def test_a_30000_square_png_bomb_is_rejected_from_its_header_in_well_under_a_second(tmp_path):
@@ -140,12 +162,12 @@ def test_the_png_bomb_lands_in_quarantine_during_ingest(spark, tmp_path, source)
     ingest.run(spark, config)
 
     assert [(r.reason, r.size_bytes < 1_500_000) for r in quarantine(spark, config).collect()] == [
-        ("too_many_pixels", True)]
+        ("too_many_pixels", True)
+    ]
 
 
 def test_a_rerun_adds_nothing_and_new_files_add_exactly_themselves(spark, tmp_path, source):
-    write(source, {f"{i % 2}/img_{i}.png": image_files.encode(image_files.gradient(8, 8 + i), ".png")
-                   for i in range(6)})
+    write(source, {f"{i % 2}/img_{i}.png": image_files.distinct_png(i) for i in range(6)})
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)
     before = images(spark, config).count()
@@ -153,8 +175,7 @@ def test_a_rerun_adds_nothing_and_new_files_add_exactly_themselves(spark, tmp_pa
     again = ingest.run(spark, config)
     assert (again.files_seen, again.new_images, images(spark, config).count()) == (0, 0, before)
 
-    write(source, {f"new/img_{i}.png": image_files.encode(image_files.gradient(9 + i, 7), ".png")
-                   for i in range(10)})
+    write(source, {f"new/img_{i}.png": image_files.distinct_png(20 + i) for i in range(10)})
     more = ingest.run(spark, config)
 
     assert (more.files_seen, more.new_images) == (10, 10)
@@ -163,24 +184,28 @@ def test_a_rerun_adds_nothing_and_new_files_add_exactly_themselves(spark, tmp_pa
 
 
 def test_duplicate_content_is_one_image_whose_path_is_the_first(spark, tmp_path, source):
-    same = image_files.png_rgba()
-    write(source, {"b/copy.png": same, "a/original.png": same, "a/other.png": image_files.png_gray()})
+    same = png(quadrants(20, 30))
+    write(
+        source,
+        {"b/copy.png": same, "a/original.png": same, "a/other.png": gray_png(quadrants(20, 30)[:, :, 0])},
+    )
     config = make_config(tmp_path, ingest={"source": str(source)})
 
     summary = ingest.run(spark, config)
 
-    rows = images(spark, config).selectExpr("element_at(split(path, '/'), -2) AS folder",
-                                            "element_at(split(path, '/'), -1) AS name")
+    rows = images(spark, config).selectExpr(
+        "element_at(split(path, '/'), -2) AS folder", "element_at(split(path, '/'), -1) AS name"
+    )
     assertDataFrameEqual(rows, [Row(folder="a", name="original.png"), Row(folder="a", name="other.png")])
     assert (summary.files_seen, summary.new_images, summary.duplicates) == (3, 2, 1)
 
 
 def test_a_duplicate_arriving_in_a_later_run_adds_no_row(spark, tmp_path, source):
-    write(source, {"a/first.png": image_files.png_gray()})
+    write(source, {"a/first.png": gray_png(quadrants(20, 30)[:, :, 0])})
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)
 
-    write(source, {"b/second.png": image_files.png_gray()})
+    write(source, {"b/second.png": gray_png(quadrants(20, 30)[:, :, 0])})
     summary = ingest.run(spark, config)
 
     assert (summary.new_images, summary.duplicates) == (0, 1)
@@ -189,10 +214,17 @@ def test_a_duplicate_arriving_in_a_later_run_adds_no_row(spark, tmp_path, source
 
 @pytest.mark.parametrize("manifest_format", ["csv", "parquet"])
 def test_labels_come_from_a_manifest(spark, tmp_path, source, manifest_format):
-    write(source, {"flat/one.png": image_files.png_gray(), "flat/two.jpg": image_files.jpeg_rgb(),
-                   "flat/three.bmp": image_files.bmp()})
-    manifest = pd.DataFrame({"path": ["flat/one.png", str(source / "flat" / "two.jpg")],
-                             "label": ["cat", "dog"]})
+    write(
+        source,
+        {
+            "flat/one.png": gray_png(quadrants(20, 30)[:, :, 0]),
+            "flat/two.jpg": jpeg(quadrants(24, 32)),
+            "flat/three.bmp": bmp(quadrants(20, 30)),
+        },
+    )
+    manifest = pd.DataFrame(
+        {"path": ["flat/one.png", str(source / "flat" / "two.jpg")], "label": ["cat", "dog"]}
+    )
     manifest_path = tmp_path / f"labels.{manifest_format}"
     if manifest_format == "csv":
         manifest.to_csv(manifest_path, index=False)
@@ -203,12 +235,18 @@ def test_labels_come_from_a_manifest(spark, tmp_path, source, manifest_format):
     ingest.run(spark, config)
 
     rows = images(spark, config).selectExpr("element_at(split(path, '/'), -1) AS name", "label")
-    assertDataFrameEqual(rows, [Row(name="one.png", label="cat"), Row(name="two.jpg", label="dog"),
-                                Row(name="three.bmp", label=None)])
+    assertDataFrameEqual(
+        rows,
+        [
+            Row(name="one.png", label="cat"),
+            Row(name="two.jpg", label="dog"),
+            Row(name="three.bmp", label=None),
+        ],
+    )
 
 
 def test_labels_none_leaves_every_image_unlabelled(spark, tmp_path, source):
-    write(source, {"cats/one.png": image_files.png_gray()})
+    write(source, {"cats/one.png": gray_png(quadrants(20, 30)[:, :, 0])})
     config = make_config(tmp_path, ingest={"source": str(source), "labels": "none"})
 
     ingest.run(spark, config)
@@ -217,7 +255,7 @@ def test_labels_none_leaves_every_image_unlabelled(spark, tmp_path, source):
 
 
 def test_a_manifest_without_a_label_column_is_a_config_error(spark, tmp_path, source):
-    write(source, {"a/one.png": image_files.png_gray()})
+    write(source, {"a/one.png": gray_png(quadrants(20, 30)[:, :, 0])})
     bad = tmp_path / "bad.csv"
     bad.write_text("path,class\na/one.png,cat\n")
     config = make_config(tmp_path, ingest={"source": str(source), "labels": str(bad)})
@@ -236,8 +274,9 @@ def test_extension_glob_matches_any_case():
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "imageiq_spark", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "imageiq_spark", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -245,8 +284,10 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     [
         (["--set", "ingest.max_pixels=many", "ingest"], "'ingest.max_pixels' expects an integer, got 'many'"),
         (["--set", "ingest.colour=red", "ingest"], "unknown config key 'ingest.colour'"),
-        (["--set", "preprocess.resize=squash", "ingest"],
-         "'preprocess.resize' expects one of 'stretch', 'letterbox', 'center_crop', got 'squash'"),
+        (
+            ["--set", "preprocess.resize=squash", "ingest"],
+            "'preprocess.resize' expects one of 'stretch', 'letterbox', 'center_crop', got 'squash'",
+        ),
         (["--conf", "missing.yaml", "ingest"], "--conf: file 'missing.yaml' does not exist"),
         (["--set", "noequals", "ingest"], "--set expects KEY=VALUE"),
         (["ingest", "--bogus"], "unrecognized arguments: --bogus"),
