@@ -62,6 +62,10 @@ class IngestConfig:
     )
     #: Files per micro-batch: bounds memory and gives progress on large sources.
     files_per_batch: int = 20_000
+    #: Fault-injection hook for tests: the Python worker probing a file whose path contains this
+    #: string dies (`os._exit`), as on a native crash; the file must end in quarantine as
+    #: `worker_crash` and the job go on. Empty (the default) injects nothing.
+    fault_inject_path_contains: str = ""
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,12 @@ def probed_files(files: DataFrame, config: Config, crashed: list[str] | None = N
     if crashed:
         oversized = oversized.unionByName(
             files.filter(F.col("path").isin(crashed)).select(
-                *oversized.columns[:-2],
+                "path",
+                "modificationTime",
+                "length",
+                F.lit(None).cast("binary").alias("content"),
+                "label",
+                *[F.lit(None).cast(f.dataType).alias(f.name) for f in PROBE_FIELDS[:-2]],
                 F.lit(faults.WORKER_CRASH).alias("reason"),
                 F.lit("the Python worker process died while probing this file").alias("detail"),
             )
