@@ -480,53 +480,59 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     ensure_tables(spark, config)
 
     done = read_prepared(spark, config, spec.version).select("image_id")
-    todo = lakehouse.read_table(spark, config, "images").join(done, "image_id", "left_anti")
-    pending = todo.count()
-    if pending:
-        parallelism = spark.sparkContext.defaultParallelism
-        partitions = max(min(parallelism, pending),
-                         min(math.ceil(pending / config.preprocess.batch_rows), 4 * parallelism))
-        batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-        previous = spark.conf.get(batch_key, None)
-        # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
-        spark.conf.set(batch_key, str(config.preprocess.batch_rows))
-        outcome = (
-            todo.select("image_id", "path", "label", "size_bytes", "modified_at", "content")
-            .repartition(partitions)
-            .mapInPandas(prepare_partition(spec), UDF_SCHEMA)
-            .persist(StorageLevel.DISK_ONLY)
-        )
-        try:
-            counts = {r["reason"]: r["n"] for r in outcome.groupBy("reason").count()
-                      .withColumnRenamed("count", "n").collect()}
-            good_count = counts.pop(None, 0)
-            summary.quarantined.update(counts)
-            now = F.current_timestamp()
-            if counts:
-                lakehouse.merge_new_rows(config, "quarantine",
-                                         quarantine_rows(outcome.filter(F.col("reason").isNotNull()), now),
-                                         QUARANTINE_KEYS)
-            if good_count:
-                good = outcome.filter(F.col("reason").isNull())
-                labels = {r["label"] for r in good.select("label").distinct().collect()
-                          if r["label"] is not None}
-                update_vocabulary(spark, config, labels)
-                vocabulary = lakehouse.read_table(spark, config, LABELS_TABLE)
-                summary.prepared = lakehouse.merge_new_rows(
-                    config, "prepared", prepared_rows(good, vocabulary, spec, config, now), PREPARED_KEYS
-                )
-        finally:
-            outcome.unpersist()
-            if previous is None:
-                spark.conf.unset(batch_key)
-            else:
-                spark.conf.set(batch_key, previous)
+    # An image this stage already quarantined is not decoded again on every run; delete its
+    # quarantine row to retry it.
+    failed = (
+        lakehouse.read_table(spark, config, "quarantine")
+        .filter(F.col("stage") == "preprocess")
+        .select("image_id")
+    )
+    todo = (
+        lakehouse.read_table(spark, config, "images")
+        .join(done, "image_id", "left_anti")
+        .join(failed, "image_id", "left_anti")
+    )
+    # No count first (a whole extra scan): a fixed spread over the cores, rebalanced round-robin
+    # because the images table may hold everything in one file.
+    partitions = 2 * spark.sparkContext.defaultParallelism
+    batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(batch_key, None)
+    # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
+    spark.conf.set(batch_key, str(config.preprocess.batch_rows))
+    outcome = (
+        todo.select("image_id", "path", "label", "size_bytes", "modified_at", "content")
+        .repartition(partitions)
+        .mapInPandas(prepare_partition(spec), UDF_SCHEMA)
+        .persist(StorageLevel.DISK_ONLY)
+    )
+    try:
+        counts = {r["reason"]: r["n"] for r in outcome.groupBy("reason").count()
+                  .withColumnRenamed("count", "n").collect()}
+        good_count = counts.pop(None, 0)
+        summary.quarantined.update(counts)
+        now = F.current_timestamp()
+        if counts:
+            lakehouse.merge_new_rows(config, "quarantine",
+                                     quarantine_rows(outcome.filter(F.col("reason").isNotNull()), now),
+                                     QUARANTINE_KEYS)
+        if good_count:
+            good = outcome.filter(F.col("reason").isNull())
+            labels = {r["label"] for r in good.select("label").distinct().collect()
+                      if r["label"] is not None}
+            update_vocabulary(spark, config, labels)
+            vocabulary = lakehouse.read_table(spark, config, LABELS_TABLE)
+            summary.prepared = lakehouse.merge_new_rows(
+                config, "prepared", prepared_rows(good, vocabulary, spec, config, now), PREPARED_KEYS
+            )
+    finally:
+        outcome.unpersist()
+        if previous is None:
+            spark.conf.unset(batch_key)
+        else:
+            spark.conf.set(batch_key, previous)
     if summary.prepared or _version_row(spark, config, spec.version) is None:
         update_channel_stats(spark, config, spec)
         summary.grid = write_grid(spark, config, spec)
     summary.split_counts, summary.class_counts = _count_table(spark, config, spec.version)
     summary.elapsed_s = time.monotonic() - started
-    lakehouse.register_tables(spark, config)
-    for table in (LABELS_TABLE, VERSIONS_TABLE):
-        lakehouse.register_table(spark, config, table)
     return summary

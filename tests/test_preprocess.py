@@ -1,0 +1,212 @@
+"""The preprocess stage on real Delta tables: tensors, labels, splits, reruns, versions, quarantine.
+
+One small lakehouse is prepared four times (first run, rerun, new images with a new label, a
+config change); each test asserts one behaviour of that history.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import images
+import numpy as np
+import pytest
+from conftest import make_config
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from imageiq_spark import ingest, lakehouse, preprocess
+from imageiq_spark.config import Config
+from imageiq_spark.sample_data import load_digits
+from imageiq_spark.transform import TransformSpec, prepare_image
+
+LABELS = ("3", "5", "7")
+PER_LABEL = 8
+
+
+@dataclass
+class History:
+    config: Config
+    contents: dict[str, bytes]  # image_id -> bytes
+    labels: dict[str, str | None]
+    broken_id: str
+    new_ids: list[str]
+    first: Any
+    second: Any
+    third: Any
+    gray: Any
+    gray_config: Config
+    after_first: list[Any]
+    after_second: list[Any]
+    vocab_first: list[str]
+    vocab_third: list[str]
+
+
+def image_rows(spark, entries: list[tuple[str, bytes, str | None]]):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = [
+        (hashlib.sha256(data).hexdigest(), path, label, "png", 28, 28, 1, 8, 1, len(data), None, data, now)
+        for path, data, label in entries
+    ]
+    return spark.createDataFrame(rows, ingest.IMAGES_SCHEMA)
+
+
+def add_images(spark, config: Config, entries: list[tuple[str, bytes, str | None]]) -> list[str]:
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, entries), ["image_id"])
+    return [hashlib.sha256(data).hexdigest() for _, data, _ in entries]
+
+
+def snapshot(spark, config: Config) -> list[Any]:
+    return (
+        preprocess.read_prepared(spark, config)
+        .select("image_id", "label", "label_index", "split", "tensor", "height", "width", "channels",
+                "preprocess_version", "prepared_at")
+        .orderBy("image_id")
+        .collect()
+    )
+
+
+@pytest.fixture(scope="module")
+def history(spark, tmp_path_factory: pytest.TempPathFactory) -> History:
+    config = make_config(tmp_path_factory.mktemp("preprocess"), preprocess={"size": [16, 16]})
+    digits, digit_labels = load_digits()
+    entries: list[tuple[str, bytes, str | None]] = []
+    for label in LABELS:
+        picks = np.flatnonzero(digit_labels == int(label))[:PER_LABEL]
+        entries += [(f"file:/src/{label}/{i}.png", images.gray_png(digits[i]), label) for i in picks]
+    entries.append(("file:/src/loose.png", images.gray_png(digits[-1]), None))
+    broken = b"\x89PNG\r\n\x1a\n" + b"not really a png"
+    entries.append(("file:/src/5/broken.png", broken, "5"))
+    add_images(spark, config, entries)
+    contents = {hashlib.sha256(d).hexdigest(): d for _, d, _ in entries}
+    labels = {hashlib.sha256(d).hexdigest(): label for _, d, label in entries}
+
+    first = preprocess.run(spark, config)
+    after_first = snapshot(spark, config)
+    vocab_first = preprocess.read_label_vocabulary(spark, config)
+    second = preprocess.run(spark, config)
+    after_second = snapshot(spark, config)
+
+    ones = np.flatnonzero(digit_labels == 1)[:4]
+    new_entries = [(f"file:/src/1/{i}.png", images.gray_png(digits[i]), "1") for i in ones]
+    new_ids = add_images(spark, config, new_entries)
+    contents.update({hashlib.sha256(d).hexdigest(): d for _, d, _ in new_entries})
+    labels.update({hashlib.sha256(d).hexdigest(): label for _, d, label in new_entries})
+    third = preprocess.run(spark, config)
+    vocab_third = preprocess.read_label_vocabulary(spark, config)
+
+    gray_config = config.with_overrides({"preprocess.color": "gray"})
+    gray = preprocess.run(spark, gray_config)
+    return History(config, contents, labels, hashlib.sha256(broken).hexdigest(), new_ids, first, second,
+                   third, gray, gray_config, after_first, after_second, vocab_first, vocab_third)
+
+
+def expected_split(image_id: str, train: float = 0.8, val: float = 0.1) -> str:
+    u = int(hashlib.sha256(f"imageiq-split:{image_id}".encode()).hexdigest()[:8], 16) / 2**32
+    return "train" if u < train else "val" if u < train + val else "test"
+
+
+def test_prepared_tensors_are_the_transform_of_the_image_bytes(history: History):
+    spec = TransformSpec.from_config(history.config)
+    assert history.first.prepared == len(history.after_first) == len(LABELS) * PER_LABEL + 1
+    for row in history.after_first:
+        expected = prepare_image(history.contents[row["image_id"]], spec)
+        assert bytes(row["tensor"]) == expected.tobytes()
+        assert (row["height"], row["width"], row["channels"]) == (16, 16, 3)
+        assert row["preprocess_version"] == spec.version
+        assert row["label"] == history.labels[row["image_id"]]
+
+
+def test_label_index_follows_a_sorted_vocabulary_and_unlabelled_images_have_none(history: History):
+    assert history.vocab_first == list(LABELS)
+    for row in history.after_first:
+        if row["label"] is None:
+            assert row["label_index"] is None
+        else:
+            assert row["label_index"] == LABELS.index(row["label"])
+
+
+def test_split_comes_from_a_hash_of_the_image_id(history: History):
+    splits = {row["image_id"]: row["split"] for row in history.after_first}
+    assert splits == {image_id: expected_split(image_id) for image_id in splits}
+    counted = {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")}
+    assert {k: v for k, v in history.first.split_counts.items()} == {k: v for k, v in counted.items() if v}
+
+
+def test_summary_reports_per_class_counts_per_split(history: History):
+    train_5 = sum(1 for r in history.after_first if r["split"] == "train" and r["label"] == "5")
+    assert history.first.class_counts["train"]["5"] == train_5
+    train_line = next(line for line in history.first.lines() if line.startswith("train:"))
+    assert f"5={train_5}" in train_line
+
+
+def test_rerun_prepares_nothing_and_changes_no_row(spark, history: History):
+    assert history.second.prepared == 0
+    assert not history.second.quarantined  # the broken image is not decoded again
+    assertDataFrameEqual(
+        spark.createDataFrame(history.after_second).drop("tensor"),
+        spark.createDataFrame(history.after_first).drop("tensor"),
+    )
+
+
+def test_broken_image_goes_to_quarantine_and_the_job_goes_on(spark, history: History):
+    assert dict(history.first.quarantined) == {"decode_failed": 1}
+    rows = (
+        lakehouse.read_table(spark, history.config, "quarantine")
+        .filter(F.col("stage") == "preprocess")
+        .select("path", "reason", "image_id")
+        .collect()
+    )
+    # One row, though the stage ran four times.
+    assert [tuple(r) for r in rows] == [("file:/src/5/broken.png", "decode_failed", history.broken_id)]
+    assert history.broken_id not in {r["image_id"] for r in history.after_first}
+
+
+def test_new_images_only_are_prepared_and_new_labels_are_appended(spark, history: History):
+    assert history.third.prepared == len(history.new_ids) == 4
+    assert history.vocab_third == [*LABELS, "1"]  # "1" sorts first but came last: index 3
+    rows = snapshot(spark, history.config)
+    old = {r["image_id"]: (r["label_index"], r["split"], r["prepared_at"]) for r in history.after_first}
+    now = {r["image_id"]: (r["label_index"], r["split"], r["prepared_at"]) for r in rows}
+    assert {k: now[k] for k in old} == old
+    assert {now[i][0] for i in history.new_ids} == {3}
+
+
+def test_config_change_prepares_everything_under_a_new_version(spark, history: History):
+    old_version = TransformSpec.from_config(history.config).version
+    new_spec = TransformSpec.from_config(history.gray_config)
+    assert new_spec.version != old_version and history.gray.version == new_spec.version
+    assert history.gray.prepared == len(history.contents) - 1  # all but the broken image
+    gray_rows = preprocess.read_prepared(spark, history.gray_config).collect()
+    assert {r["channels"] for r in gray_rows} == {1}
+    sample = gray_rows[0]
+    assert bytes(sample["tensor"]) == prepare_image(history.contents[sample["image_id"]], new_spec).tobytes()
+    # The old version stays beside it with the same splits and label indices.
+    old = {r["image_id"]: (r["split"], r["label_index"]) for r in
+           preprocess.read_prepared(spark, history.config, old_version).collect()}
+    assert {r["image_id"]: (r["split"], r["label_index"]) for r in gray_rows} == old
+
+
+def test_channel_stats_are_the_train_split_mean_and_std(spark, history: History):
+    version = TransformSpec.from_config(history.config).version
+    train = preprocess.read_prepared(spark, history.config, version, ["train"]).collect()
+    pixels = np.stack([np.frombuffer(r["tensor"], np.uint8).reshape(16, 16, 3) for r in train])
+    mean, std = preprocess.read_channel_stats(spark, history.config, version)
+    np.testing.assert_allclose(mean, pixels.reshape(-1, 3).mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(std, pixels.reshape(-1, 3).std(axis=0), rtol=1e-9)
+    assert preprocess.read_spec(spark, history.config, version) == TransformSpec.from_config(history.config)
+
+
+def test_a_png_grid_of_prepared_images_is_written(history: History):
+    version = TransformSpec.from_config(history.config).version
+    path = Path(history.config.storage.root) / "reports" / "preprocess" / f"samples_{version}.png"
+    assert history.first.grid == path.resolve().as_uri()
+    grid = cv2.imread(str(path))
+    assert grid is not None and grid.shape[0] > 100 and grid.shape[1] > 100
+    assert grid.std() > 10  # pictures, not a blank canvas
