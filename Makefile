@@ -72,6 +72,7 @@ pack: wheel
 	$(PACK_VENV)/bin/pip install -q -c constraints.txt dist/imageiq_spark-*.whl
 	$(BIN)/venv-pack -q --prefix $(PACK_VENV) --output dist/imageiq-env.tar.gz \
 		$(if $(PACK_PYTHON_PREFIX),--python-prefix $(PACK_PYTHON_PREFIX))
+	chmod 644 dist/imageiq-env.tar.gz
 
 clean:
 	rm -rf lake data build dist *.egg-info .pytest_cache
