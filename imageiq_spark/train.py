@@ -1,0 +1,517 @@
+"""Train: `prepared` (train and val splits) -> Keras model -> MLflow run -> registered version.
+
+The data are read at one pinned Delta version of `prepared` (tagged on the run), materialised
+once for the configured reader (Petastorm or Arrow, under `<storage.root>/cache/train`, removed
+afterwards) and streamed through `tf.data`. `train.distributed.workers: N > 1` runs N Spark
+barrier tasks, each a `MultiWorkerMirroredStrategy` worker with TF_CONFIG built from the barrier
+context, reading its own shard; every worker steps the same fixed number of batches per epoch
+from an endlessly repeated shard, because uneven shards hang collective training.
+
+GPUs (`train.distributed.use_gpu: true`): each barrier task takes one GPU from Spark's resource
+scheduling and sees only it (CUDA_VISIBLE_DEVICES). The cluster must offer them, e.g.
+`spark.executor.resource.gpu.amount=1`, `spark.task.resource.gpu.amount=1` and
+`spark.executor.resource.gpu.discoveryScript=/opt/spark/examples/src/main/scripts/getGpusResources.sh`
+(EMR and Databricks GPU clusters set these).
+
+Each epoch the chief worker writes a checkpoint (weights, best weights, early-stopping state and
+history) under `<storage.root>/checkpoints/train/<key>`; a crashed run started again with the
+same config and data resumes there, in the same MLflow run. Early stopping on validation loss
+restores the best weights. The model is logged as a self-contained pyfunc, registered under
+`mlflow.registered_model`, and takes alias `champion` only if its validation accuracy beats the
+current champion's, else `challenger`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+from delta.tables import DeltaTable  # noqa: E402
+from pyspark import BarrierTaskContext  # noqa: E402
+from pyspark.sql import DataFrame, SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from imageiq_spark import lakehouse, models, readers  # noqa: E402
+from imageiq_spark.config import AugmentConfig, Config, ConfigError, flatten, to_dict  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+LAST_WEIGHTS = "last.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Everything a worker needs to train; picklable, so it travels into barrier tasks."""
+
+    spec: models.ModelSpec
+    train: readers.SplitSource
+    val: readers.SplitSource
+    batch_size: int
+    learning_rate: float
+    epochs: int
+    patience: int
+    fine_tune_epochs: int
+    fine_tune_layers: int
+    seed: int | None
+    augment: AugmentConfig
+    reader_workers: int
+    shuffle_buffer: int
+    checkpoint_dir: str
+    workers: int = 1
+    use_gpu: bool = False
+
+    def steps(self, rows: int) -> int:
+        """Batches per epoch for every worker: all rows once across the workers, rounded up."""
+        return max(1, math.ceil(rows / (self.batch_size * self.workers)))
+
+
+@dataclass
+class TrainState:
+    """What survives a crash: written by the chief after every epoch."""
+
+    epochs_done: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+    stopped: bool = False
+    history: dict[str, list[float]] = field(default_factory=dict)
+    run_id: str | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainState | None:
+        path = Path(directory) / STATE_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        tmp.replace(path / STATE_FILE)  # atomic: a crash never leaves half a state
+
+
+@dataclass
+class TrainSummary:
+    model: str
+    run_id: str
+    version: str
+    alias: str
+    epochs_run: int
+    resumed_from: int
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    champion_val_accuracy: float | None
+    prepared_version: int
+    train_rows: int
+    val_rows: int
+    workers: int
+    reader: str
+    elapsed_s: float
+
+    def lines(self) -> list[str]:
+        previous = ("none" if self.champion_val_accuracy is None
+                    else f"{self.champion_val_accuracy:.4f}")
+        resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
+        return [
+            f"model: {self.model}, {self.workers} worker(s), reader {self.reader}",
+            f"data: prepared Delta version {self.prepared_version}, {self.train_rows} train / "
+            f"{self.val_rows} val images",
+            f"epochs run: {self.epochs_run}{resumed}, best epoch {self.best_epoch + 1}",
+            f"best val accuracy: {self.val_accuracy:.4f}, val loss: {self.val_loss:.4f}",
+            f"registered version: {self.version}, alias: {self.alias} (previous champion val "
+            f"accuracy: {previous})",
+            f"mlflow run: {self.run_id}",
+            f"elapsed: {self.elapsed_s:.1f} s",
+        ]
+
+
+# ----------------------------------------------------------------------------------- the worker
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Early stopping on val_loss with best-weight restore, resumable from the chief's files.
+
+    Built on every worker: all see the same aggregated val_loss and so stop together. Saving
+    weights is a collective operation under MultiWorkerMirroredStrategy, so every worker saves;
+    only the chief's files land in the checkpoint folder, the others' in a scratch folder.
+    """
+
+    def __init__(self, state: TrainState, task: TrainTask, directory: str) -> None:
+        super().__init__()
+        self.state, self.task, self.directory = state, task, directory
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        state = self.state
+        for name, value in logs.items():
+            state.history.setdefault(name, []).append(float(value))
+        state.epochs_done = epoch + 1
+        val_loss = float(logs.get("val_loss", math.inf))
+        if val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch, 0
+            self.best_weights = self.model.get_weights()
+            _save_weights(self.model, self.directory, BEST_WEIGHTS)
+        else:
+            state.wait += 1
+        if state.wait >= self.task.patience:
+            state.stopped = True
+            self.model.stop_training = True
+        _save_weights(self.model, self.directory, LAST_WEIGHTS)
+        state.save(self.directory)
+
+
+def _save_weights(model: Any, directory: str, name: str) -> None:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f"tmp-{name}"
+    model.save_weights(str(tmp))
+    tmp.replace(path / name)
+
+
+def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train on this worker (rank 0 is the chief) from the last checkpoint; returns the state.
+
+    Runs on the driver for one worker, or inside each Spark barrier task for several, with
+    TF_CONFIG already set.
+    """
+    if task.seed is not None:
+        keras.utils.set_random_seed(task.seed + rank)
+    strategy = (tf.distribute.MultiWorkerMirroredStrategy() if task.workers > 1
+                else tf.distribute.get_strategy())
+    state = TrainState.load(task.checkpoint_dir) or TrainState()
+    chief = rank == 0
+    scratch = None if chief else tempfile.mkdtemp(prefix=f"imageiq-worker{rank}-")
+    directory = task.checkpoint_dir if chief else scratch
+    with strategy.scope():
+        model = models.build_model(task.spec)
+        if state.epochs_done:
+            model.load_weights(str(Path(task.checkpoint_dir) / LAST_WEIGHTS))
+    checkpoint = EpochCheckpoint(state, task, directory)
+    if state.epochs_done and Path(task.checkpoint_dir, BEST_WEIGHTS).is_file():
+        best = models.build_model(task.spec)
+        best.load_weights(str(Path(task.checkpoint_dir) / BEST_WEIGHTS))
+        checkpoint.best_weights = best.get_weights()
+
+    phases = [(task.epochs, False)]
+    if task.spec.pretrained:
+        # Transfer learning: the head learns on a frozen base, then the base's top layers tune.
+        frozen = min(task.fine_tune_epochs, task.epochs)
+        phases = [(frozen, False), (task.epochs, True)]
+    with contextlib.ExitStack() as stack:
+        train = task.train.open(
+            stack, task.batch_size, shard_index=rank, shard_count=task.workers, repeat=True,
+            shuffle_buffer=task.shuffle_buffer, seed=task.seed, workers=task.reader_workers,
+            augment=task.augment,
+        )
+        # One worker validates on the whole split once; several validate on repeated shards
+        # for a fixed number of steps (the exact figure is computed after training).
+        val = task.val.open(stack, task.batch_size, shard_index=rank, shard_count=task.workers,
+                            repeat=task.workers > 1, workers=task.reader_workers)
+        for end, fine_tune in phases:
+            if state.stopped or state.epochs_done >= end:
+                continue
+            with strategy.scope():
+                rate = task.learning_rate
+                if fine_tune:
+                    models.unfreeze_top(model, task.fine_tune_layers)
+                    rate /= 10
+                models.compile_model(model, rate)
+            model.fit(
+                train,
+                epochs=end,
+                initial_epoch=state.epochs_done,
+                steps_per_epoch=task.steps(task.train.rows),
+                validation_data=val,
+                validation_steps=task.steps(task.val.rows) if task.workers > 1 else None,
+                callbacks=[checkpoint, *callbacks],
+                verbose=0,
+            )
+    if checkpoint.best_weights is not None:
+        model.set_weights(checkpoint.best_weights)
+    _save_weights(model, directory, BEST_WEIGHTS)
+    state.save(directory)
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return state.__dict__
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def barrier_fit(task: TrainTask):
+    """mapPartitions function of the barrier stage: one MultiWorkerMirroredStrategy worker."""
+
+    def run(_: Iterator[Any]) -> Iterator[str]:
+        context = BarrierTaskContext.get()
+        rank = context.partitionId()
+        if task.use_gpu:
+            gpus = context.resources().get("gpu")
+            if gpus is None or not gpus.addresses:
+                raise RuntimeError(
+                    "train.distributed.use_gpu is true but Spark gave this task no GPU; set "
+                    "spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount=1 and a GPU "
+                    "discovery script, or set train.distributed.use_gpu to false"
+                )
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus.addresses[0]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        host = context.getTaskInfos()[rank].address.split(":")[0]
+        addresses = context.allGather(f"{host}:{_free_port()}")
+        os.environ["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": rank}}
+        )
+        # Workers sharing a machine split its cores rather than each starting one per core.
+        threads = max(1, (os.cpu_count() or 1) // task.workers)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        state = fit(task, rank)
+        context.barrier()
+        yield json.dumps({"rank": rank, "steps": task.steps(task.train.rows), **state})
+
+    return run
+
+
+def fit_distributed(spark: SparkSession, task: TrainTask) -> list[dict[str, Any]]:
+    """Run `task` on `task.workers` Spark barrier tasks; returns each worker's final state."""
+    slots = spark.sparkContext.defaultParallelism
+    if task.workers > slots:
+        raise ConfigError(
+            f"config key 'train.distributed.workers' is {task.workers} but the cluster runs at most "
+            f"{slots} tasks at once; barrier mode needs one slot per worker: lower it or add executors"
+        )
+    rdd = spark.sparkContext.parallelize(range(task.workers), task.workers)
+    results = rdd.barrier().mapPartitions(barrier_fit(task)).collect()
+    return sorted((json.loads(r) for r in results), key=lambda r: r["rank"])
+
+
+# ----------------------------------------------------------------------------------- the driver
+
+
+def prepared_version(spark: SparkSession, config: Config) -> int:
+    """The current Delta version of `prepared`; training reads exactly that snapshot."""
+    if not lakehouse.table_exists(spark, config, "prepared"):
+        raise ConfigError(
+            "table 'prepared' does not exist under storage.root "
+            f"'{config.storage.root}': run `imageiq preprocess` before `imageiq train`"
+        )
+    table = DeltaTable.forPath(spark, lakehouse.table_location(config, "prepared"))
+    return int(table.history(1).select("version").first()[0])
+
+
+def read_splits(spark: SparkSession, config: Config, version: int, preprocess_version: str
+                ) -> dict[str, DataFrame]:
+    rows = (
+        spark.read.format("delta").option("versionAsOf", version)
+        .load(lakehouse.table_location(config, "prepared"))
+        .filter((F.col("preprocess_version") == preprocess_version) & F.col("label_index").isNotNull())
+    )
+    return {split: rows.filter(F.col("split") == split) for split in ("train", "val")}
+
+
+def checkpoint_dir(config: Config, version: int) -> str:
+    """One folder per (train config, data snapshot): a rerun of the same finds its checkpoint."""
+    uri = lakehouse.lake_path(config, "checkpoints", "train",
+                              f"{config.fingerprint('train')}-{config.fingerprint('preprocess')}-v{version}")
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise ConfigError(
+            f"storage.root '{config.storage.root}': training checkpoints need a file system path "
+            "(local, NFS or a /dbfs mount); object storage roots are not supported for train yet"
+        )
+    return parsed.path
+
+
+def training_curves_png(history: dict[str, list[float]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=prefix + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_split(classifier: Any, source: readers.SplitSource) -> tuple[float, float]:
+    """Exact (accuracy, loss) of a classifier over a whole split, on this process."""
+    correct, loss, rows = 0, 0.0, 0
+    with contextlib.ExitStack() as stack:
+        for images, labels in source.open(stack, 256).as_numpy_iterator():
+            probabilities = classifier.predict_tensors(images)
+            picked = probabilities[np.arange(len(labels)), labels]
+            loss += float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
+            correct += int((probabilities.argmax(axis=1) == labels).sum())
+            rows += len(labels)
+    if rows == 0:
+        return 0.0, math.inf
+    return correct / rows, loss / rows
+
+
+def choose_alias(client: Any, name: str, version: str, val_accuracy: float) -> tuple[str, float | None]:
+    """`champion` when the new version beats the current champion's val accuracy, else `challenger`."""
+    from mlflow.exceptions import MlflowException
+
+    from imageiq_spark.tracking import CHALLENGER, CHAMPION
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    previous = None
+    if current is not None and current.version != version:
+        previous = client.get_run(current.run_id).data.metrics.get("best_val_accuracy")
+    if current is None or previous is None or val_accuracy > previous:
+        return CHAMPION, previous
+    return CHALLENGER, previous
+
+
+def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = ()) -> TrainSummary:
+    """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training)."""
+    from imageiq_spark import preprocess
+
+    started = time.monotonic()
+    train_config = config.train
+    models.check_weights(train_config.model, train_config.weights)
+    version = prepared_version(spark, config)
+    spec = preprocess.read_spec(spark, config, preprocess.current_version(config))
+    labels = preprocess.read_label_vocabulary(spark, config)
+    mean, std = preprocess.read_channel_stats(spark, config, spec.version)
+    splits = read_splits(spark, config, version, spec.version)
+    workers = train_config.distributed.workers
+    sources = {
+        name: readers.materialize(df, config, train_config.reader, spec.shape, files=2 * workers)
+        for name, df in splits.items()
+    }
+    try:
+        if sources["train"].rows == 0 or sources["val"].rows == 0:
+            raise ValueError(
+                f"prepared (Delta version {version}, preprocess_version {spec.version}) has "
+                f"{sources['train'].rows} labelled train and {sources['val'].rows} val images; "
+                "training needs both: ingest labelled images and run `imageiq preprocess`"
+            )
+        model_spec = models.ModelSpec(
+            architecture=train_config.model, height=spec.shape[0], width=spec.shape[1],
+            channels=spec.shape[2], num_classes=len(labels), mean=tuple(mean), std=tuple(std),
+            weights=train_config.weights,
+        )
+        task = TrainTask(
+            spec=model_spec, train=sources["train"], val=sources["val"],
+            batch_size=train_config.batch_size, learning_rate=train_config.learning_rate,
+            epochs=train_config.epochs, patience=train_config.patience,
+            fine_tune_epochs=train_config.fine_tune_epochs,
+            fine_tune_layers=train_config.fine_tune_layers, seed=train_config.seed,
+            augment=train_config.augment, reader_workers=train_config.reader_workers,
+            shuffle_buffer=train_config.shuffle_buffer,
+            checkpoint_dir=checkpoint_dir(config, version), workers=workers,
+            use_gpu=train_config.distributed.use_gpu,
+        )
+        summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, started)
+    finally:
+        for source in sources.values():
+            readers.release(source)
+    return summary
+
+
+def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version: int,
+                   labels: list[str], spec: Any, callbacks: Sequence[Any], started: float
+                   ) -> TrainSummary:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from imageiq_spark.classifier import ImageClassifier, log_classifier
+    from imageiq_spark.tracking import configure_mlflow, record_alias
+
+    configure_mlflow(config)
+    previous = TrainState.load(task.checkpoint_dir)
+    resumed_from = previous.epochs_done if previous else 0
+    with mlflow.start_run(run_id=previous.run_id if previous and previous.run_id else None) as active:
+        run_id = active.info.run_id
+        if previous is None:
+            params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                      for k, v in flatten(to_dict(config)).items()}
+            mlflow.log_params(params)
+            mlflow.set_tags({
+                "prepared_delta_version": str(version),
+                "preprocess_version": spec.version,
+                "imageiq.stage": "train",
+            })
+            TrainState(run_id=run_id).save(task.checkpoint_dir)
+        else:
+            log.info("train: resuming run %s after epoch %d", run_id, resumed_from)
+
+        if task.workers > 1:
+            results = fit_distributed(spark, task)
+            # Evidence that the workers trained in lockstep: same steps, same aggregated losses.
+            mlflow.log_params({
+                "steps_per_epoch_per_worker": json.dumps([r["steps"] for r in results]),
+                "final_loss_per_worker": json.dumps([r["history"]["loss"][-1] for r in results]),
+            })
+            state = TrainState(**{k: v for k, v in results[0].items() if k not in ("rank", "steps")})
+        else:
+            state = TrainState(**fit(task, 0, callbacks))
+
+        for name, values in state.history.items():
+            for step, value in enumerate(values):
+                mlflow.log_metric(name, value, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(training_curves_png(state.history, Path(tmp) / "training_curves.png")))
+
+            model = models.build_model(task.spec)
+            model.load_weights(str(Path(task.checkpoint_dir) / BEST_WEIGHTS))
+            classifier = ImageClassifier(model, labels, spec)
+            val_accuracy, val_loss = evaluate_split(classifier, task.val)
+            mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss,
+                                "epochs_run": state.epochs_done, "best_epoch": state.best_epoch})
+            info = log_classifier(classifier, tmp, config.mlflow.registered_model)
+        registered = str(info.registered_model_version)
+        client = MlflowClient()
+        name = config.mlflow.registered_model
+        alias, champion_accuracy = choose_alias(client, name, registered, val_accuracy)
+        client.set_registered_model_alias(name, alias, registered)
+        mlflow.set_tag("registered_model_version", registered)
+        mlflow.set_tag("alias", alias)
+    record_alias(spark, config, name, alias, registered)
+    shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
+    return TrainSummary(
+        model=task.spec.architecture, run_id=run_id, version=registered, alias=alias,
+        epochs_run=state.epochs_done, resumed_from=resumed_from, best_epoch=state.best_epoch,
+        val_accuracy=val_accuracy, val_loss=val_loss, champion_val_accuracy=champion_accuracy,
+        prepared_version=version, train_rows=task.train.rows, val_rows=task.val.rows,
+        workers=task.workers, reader=task.train.reader, elapsed_s=time.monotonic() - started,
+    )

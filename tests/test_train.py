@@ -1,0 +1,174 @@
+"""Training on the real pipeline: sample digits -> ingest -> preprocess -> train -> MLflow registry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from conftest import make_config
+from delta.tables import DeltaTable
+from mlflow.tracking import MlflowClient
+
+from imageiq_spark import ingest, lakehouse, preprocess, readers, train
+from imageiq_spark.classifier import load_classifier
+from imageiq_spark.config import flatten, to_dict
+from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark.tracking import configure_mlflow, tracking_uri
+
+FAST = {"epochs": 6, "batch_size": 16, "patience": 10, "shuffle_buffer": 256}
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    """One prepared lakehouse of 20 digits per class shared by this module's tests."""
+    root = tmp_path_factory.mktemp("train")
+    write_sample_data(root / "src", per_class=20)
+    config = make_config(root, ingest={"source": str(root / "src")}, train=FAST,
+                         mlflow={"registered_model": "digits"})
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def champion(spark, lake):
+    _, config = lake
+    return train.run(spark, config)
+
+
+def test_first_model_takes_champion_and_run_traces_to_its_data(spark, lake, champion):
+    _, config = lake
+    configure_mlflow(config)
+    client = MlflowClient()
+    run = client.get_run(champion.run_id)
+    delta_version = DeltaTable.forPath(spark, lakehouse.table_location(config, "prepared")) \
+        .history(1).first()["version"]
+
+    assert champion.alias == "champion"
+    assert client.get_model_version_by_alias("digits", "champion").version == champion.version
+    assert run.data.tags["prepared_delta_version"] == str(delta_version)
+    assert run.data.tags["preprocess_version"] == preprocess.current_version(config)
+    # The whole resolved config, every key, as params.
+    assert set(flatten(to_dict(config))) <= set(run.data.params)
+    assert run.data.params["train.epochs"] == "6"
+    assert run.data.params["train.reader"] == "petastorm"
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(champion.run_id)}
+    losses = client.get_metric_history(champion.run_id, "loss")
+    assert [m.step for m in losses] == list(range(champion.epochs_run))
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(champion.val_accuracy)
+    aliases = lakehouse.read_table(spark, config, "model_aliases").collect()
+    assert [(r.model_name, r.alias, r.model_version) for r in aliases] == [
+        ("digits", "champion", champion.version)
+    ]
+
+
+FRESH_PROCESS = """
+import json, sys
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+paths = json.loads(sys.argv[2])
+model = mlflow.pyfunc.load_model("models:/digits@champion")
+out = model.predict(pd.DataFrame({"content": [open(p, "rb").read() for p in paths]}),
+                    params={"top_k": 3})
+print(json.dumps({"label": list(out["label"]), "confidence": list(out["confidence"]),
+                  "top_k": list(out["top_k"])}))
+"""
+
+
+def test_champion_in_a_fresh_process_predicts_raw_bytes_like_the_in_process_model(lake, champion):
+    root, config = lake
+    paths = sorted(str(p) for p in (root / "src").rglob("*.png"))[::20]
+    tracking = tracking_uri(config)
+    in_process = load_classifier(f"runs:/{champion.run_id}/model")
+    probabilities, failures = in_process.predict_bytes([Path(p).read_bytes() for p in paths])
+    expected = in_process.top_k(probabilities, 3)
+
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tracking, json.dumps(paths)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert failures == {}
+    assert fresh["label"] == [top[0][0] for top in expected]
+    np.testing.assert_allclose(fresh["confidence"], [top[0][1] for top in expected], rtol=1e-6)
+    assert [[t["label"] for t in row] for row in fresh["top_k"]] == \
+        [[label for label, _ in top] for top in expected]
+
+
+def test_worse_model_does_not_take_champion(spark, lake, champion):
+    _, config = lake
+    worse = config.with_overrides({"train.epochs": 1, "train.learning_rate": 1e-7})
+
+    summary = train.run(spark, worse)
+
+    client = MlflowClient()
+    assert summary.val_accuracy < champion.val_accuracy
+    assert summary.alias == "challenger"
+    assert client.get_model_version_by_alias("digits", "champion").version == champion.version
+    assert client.get_model_version_by_alias("digits", "challenger").version == summary.version
+    aliases = {r.alias: r.model_version for r in lakehouse.read_table(spark, config, "model_aliases").collect()}
+    assert aliases == {"champion": champion.version, "challenger": summary.version}
+
+
+def _rows(source: readers.SplitSource) -> list[tuple[int, bytes]]:
+    rows = []
+    with contextlib.ExitStack() as stack:
+        for images, labels in source.open(stack, 7).as_numpy_iterator():
+            rows += [(int(label), image.tobytes()) for image, label in zip(images, labels)]
+    return sorted(rows)
+
+
+def test_arrow_and_petastorm_readers_give_the_same_rows_as_the_table(spark, lake):
+    _, config = lake
+    split = preprocess.read_prepared(spark, config, splits=["train"])
+    expected = sorted((r.label_index, bytes(r.tensor)) for r in split.collect())
+    shape = (32, 32, 3)
+    sources = [readers.materialize(split, config, kind, shape) for kind in ("petastorm", "arrow")]
+    try:
+        petastorm_rows, arrow_rows = (_rows(s) for s in sources)
+    finally:
+        for source in sources:
+            readers.release(source)
+
+    assert len(expected) > 100
+    assert petastorm_rows == expected
+    assert arrow_rows == expected
+
+
+class CrashAfter(keras.callbacks.Callback):
+    """A real crash in the middle of training: the process dies after `epochs` epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 == self.epochs:
+            raise RuntimeError("simulated crash")
+
+
+def test_crashed_run_resumes_from_its_checkpoint_in_the_same_run(spark, lake):
+    _, config = lake
+    config = config.with_overrides({"train.epochs": 4, "train.reader": "arrow",
+                                    "mlflow.registered_model": "resumed"})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(spark, config, callbacks=[CrashAfter(2)])
+    client = MlflowClient()
+    crashed = client.search_runs(
+        [client.get_experiment_by_name(config.mlflow.experiment).experiment_id],
+        filter_string="params.`mlflow.registered_model` = 'resumed'",
+    )
+    assert [r.info.status for r in crashed] == ["FAILED"]
+
+    summary = train.run(spark, config)
+
+    assert summary.resumed_from == 2
+    assert summary.epochs_run == 4
+    assert summary.run_id == crashed[0].info.run_id
+    assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [0, 1, 2, 3]
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
