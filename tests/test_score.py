@@ -1,0 +1,317 @@
+"""Score: images without a prediction from a model version -> predictions, and the SQL views.
+
+Real images ingested from PNG files, real models logged to and served from the MLflow registry
+(random weights: what is tested is where predictions go, not how good they are)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import threading
+import uuid
+
+import cv2
+import mlflow
+import numpy as np
+import pytest
+from conftest import make_config
+from mlflow.tracking import MlflowClient
+from pyspark.sql import Row
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from imageiq_spark import ingest, lakehouse, score, tracking
+from imageiq_spark.classifier import ImageClassifier, load_classifier, log_classifier
+from imageiq_spark.models import ModelSpec, build_model
+from imageiq_spark.sample_data import load_digits
+from imageiq_spark.transform import TransformSpec
+
+LABELS = [str(d) for d in range(10)]
+HELD_BACK = 4  # images left out of `images` at first, to arrive later as "new" images
+
+
+@pytest.fixture(scope="module")
+def base(spark, tmp_path_factory):
+    """One lakehouse root: 20 real digit PNGs ingested into `images`, plus one corrupt image."""
+    root = tmp_path_factory.mktemp("score")
+    source = root / "source"
+    digits, labels = load_digits()
+    for i in range(20):
+        folder = source / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i}.png"), digits[i])
+    config = make_config(root, ingest={"source": str(source)})
+    ingest.run(spark, config)
+    # An image whose header passed ingest's probe but whose pixels cannot be decoded.
+    png = cv2.imencode(".png", digits[0])[1].tobytes()
+    broken = (lakehouse.read_table(spark, config, "images").limit(1)
+              .withColumn("image_id", F.lit("0" * 64))
+              .withColumn("path", F.lit(f"file:{source}/broken/corrupt.png"))
+              .withColumn("content", F.lit(png[:40] + bytes(len(png) - 40))))
+    lakehouse.merge_new_rows(config, "images", broken, ["image_id"])
+    return root, config
+
+
+def register(spark, config, seed: int, alias: str | None = "champion") -> str:
+    """Log a small CNN (random weights, seeded) to the registry; returns its version."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    tracking.configure_mlflow(config)
+    model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (128.0,) * 3, (64.0,) * 3))
+    classifier = ImageClassifier(model, LABELS, TransformSpec(size=(32, 32)))
+    name = config.mlflow.registered_model
+    with mlflow.start_run(), tempfile.TemporaryDirectory() as staging:
+        info = log_classifier(classifier, staging, registered_model_name=name)
+    version = str(info.registered_model_version)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version)
+        tracking.record_alias(spark, config, name, alias, version)
+    return version
+
+
+def new_lake(spark, base):
+    """A fresh database over the shared root, its own registered model (v1 champion), and all
+    but HELD_BACK of the base images."""
+    root, base_config = base
+    config = make_config(root, mlflow={"registered_model": f"m_{uuid.uuid4().hex[:8]}"})
+    images = lakehouse.read_table(spark, base_config, "images").orderBy("image_id")
+    lakehouse.ensure_table(spark, config, "images", ingest.IMAGES_SCHEMA)
+    lakehouse.merge_new_rows(config, "images", images.limit(21 - HELD_BACK), ["image_id"])
+    register(spark, config, seed=1)
+    return config
+
+
+@pytest.fixture
+def lake(spark, base):
+    return new_lake(spark, base)
+
+
+@pytest.fixture(scope="module")
+def scored(spark, base):
+    """A lake scored twice by its champion: (config, first summary, rows after it, second summary)."""
+    config = new_lake(spark, base)
+    first = score.run(spark, config)
+    rows = predictions(spark, config).collect()
+    second = score.run(spark, config)
+    return config, first, rows, second
+
+
+def predictions(spark, config):
+    return lakehouse.read_table(spark, config, "predictions")
+
+
+def test_every_image_gets_the_champions_prediction(spark, scored):
+    lake, summary, rows, _ = scored
+
+    images = {r.image_id: bytes(r.content)
+              for r in lakehouse.read_table(spark, lake, "images").collect()}
+    classifier = load_classifier(f"models:/{lake.mlflow.registered_model}/1")
+    probs, failed = classifier.predict_bytes(list(images.values()))
+    expected = {image_id: probs[i] for i, image_id in enumerate(images) if i not in failed}
+    assert len(failed) == 1 and summary.failed == 1
+    assert summary.inserted == len(rows) == len(expected) == 16
+    run_id = MlflowClient().get_model_version(lake.mlflow.registered_model, "1").run_id
+    for row in rows:
+        p = expected[row.image_id]
+        order = np.argsort(-p, kind="stable")[:3]
+        assert row.predicted_label == LABELS[order[0]]
+        assert row.confidence == pytest.approx(float(p[order[0]]), rel=1e-5)
+        assert [t.label for t in row.top_k] == [LABELS[i] for i in order]
+        assert [t.probability for t in row.top_k] == pytest.approx(p[order].tolist(), rel=1e-5)
+        assert (row.model_name, row.model_version, row.run_id) == (lake.mlflow.registered_model, "1",
+                                                                    run_id)
+        assert row.score_date == row.scored_at.date()
+
+
+def test_undecodable_image_goes_to_quarantine_once(spark, scored):
+    lake, first, _, second = scored
+    assert (first.failed, second.failed) == (1, 1)  # retried each run, recorded once
+    quarantined = lakehouse.read_table(spark, lake, "quarantine").collect()
+    assert [(r.stage, r.reason, r.path.endswith("corrupt.png")) for r in quarantined] == [
+        ("score", "decode_failed", True)
+    ]
+
+
+def test_scoring_twice_adds_no_rows(spark, scored):
+    lake, first, before, second = scored
+    assert (first.inserted, second.inserted) == (16, 0)
+    assertDataFrameEqual(predictions(spark, lake), before)
+
+
+@pytest.mark.slow
+def test_new_images_are_scored_alone(spark, lake, base):
+    score.run(spark, lake)
+    before = predictions(spark, lake).collect()
+    everything = lakehouse.read_table(spark, base[1], "images")
+    lakehouse.merge_new_rows(lake, "images", everything, ["image_id"])
+
+    summary = score.run(spark, lake)
+
+    # The corrupt image is tried again (and quarantined again: no new row there).
+    assert (summary.candidates, summary.inserted, summary.failed) == (HELD_BACK + 1, HELD_BACK, 1)
+    after = predictions(spark, lake)
+    assertDataFrameEqual(after.join(F.broadcast(spark.createDataFrame(before).select("image_id")),
+                                    "image_id", "left_semi"), before)
+    assert after.count() == 16 + HELD_BACK
+
+
+@pytest.mark.slow
+def test_a_new_champion_scores_everything_and_old_rows_stay(spark, lake):
+    score.run(spark, lake)
+    old = predictions(spark, lake).collect()
+
+    register(spark, lake, seed=2)
+    summary = score.run(spark, lake)
+
+    assert (summary.model_version, summary.inserted) == ("2", 16)
+    counts = {r.model_version: r["count"] for r in predictions(spark, lake).groupBy("model_version")
+              .count().collect()}
+    assert counts == {"1": 16, "2": 16}
+    assertDataFrameEqual(predictions(spark, lake).where("model_version = '1'"), old)
+    latest = spark.table(f"{lake.catalog.database}.latest_predictions")
+    assert {r.model_version for r in latest.collect()} == {"2"}
+
+
+@pytest.mark.slow
+def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
+    register(spark, lake, seed=3, alias=None)  # version 2, not the champion
+
+    summary = score.run(spark, lake, model_uri=f"models:/{lake.mlflow.registered_model}/2")
+
+    assert (summary.model_version, summary.inserted) == ("2", 16)
+    assert {r.model_version for r in predictions(spark, lake).collect()} == {"2"}
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_leave_one_row_per_image_and_version(spark, lake):
+    results: list[object] = []
+
+    def go() -> None:
+        try:
+            results.append(score.run(spark, lake))
+        except Exception as exc:  # surfaced by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert all(isinstance(r, score.ScoreSummary) for r in results), results
+    assert sorted(r.inserted for r in results) == [0, 16]
+    keys = predictions(spark, lake).groupBy(*score.PREDICTION_KEYS).count()
+    assert keys.count() == 16
+    assert keys.where("count > 1").count() == 0
+
+
+# --- the views, over small hand-made tables ---------------------------------------------------
+
+
+def _prediction(image_id: str, label: str, confidence: float, version: str, day: int) -> Row:
+    scored_at = datetime.datetime(2026, 11, day, 12, 0)
+    return Row(image_id=image_id, predicted_label=label, confidence=confidence,
+               top_k=[Row(label=label, probability=confidence)], model_name="m", model_version=version,
+               run_id=f"run{version}", scored_at=scored_at, score_date=scored_at.date())
+
+
+@pytest.fixture
+def view_lake(spark, config):
+    rows = [
+        _prediction("a", "cat", 0.9, "1", 1),
+        _prediction("b", "dog", 0.5, "1", 1),
+        _prediction("c", "cat", 0.7, "1", 2),
+        _prediction("a", "cat", 0.95, "2", 2),
+        _prediction("b", "cat", 0.55, "2", 2),
+    ]
+    lakehouse.ensure_table(spark, config, "predictions", score.PREDICTIONS_SCHEMA)
+    lakehouse.merge_new_rows(config, "predictions", spark.createDataFrame(rows, score.PREDICTIONS_SCHEMA),
+                             score.PREDICTION_KEYS)
+    lakehouse.ensure_table(spark, config, "model_aliases", tracking.MODEL_ALIASES_SCHEMA)
+    aliases = spark.createDataFrame(
+        [("m", "champion", "2", datetime.datetime(2026, 11, 2)),
+         ("m", "challenger", "1", datetime.datetime(2026, 11, 2))],
+        tracking.MODEL_ALIASES_SCHEMA)
+    lakehouse.merge_new_rows(config, "model_aliases", aliases, ["model_name", "alias"])
+    lakehouse.ensure_table(spark, config, "images", ingest.IMAGES_SCHEMA)
+    images = spark.createDataFrame(
+        [(i, f"file:/x/{i}.png", None, "png", 1, 1, 1, 8, 1, 1, None, b"", datetime.datetime(2026, 11, 1))
+         for i in ("a", "b", "c")], ingest.IMAGES_SCHEMA)
+    lakehouse.merge_new_rows(config, "images", images, ["image_id"])
+    lakehouse.register_tables(spark, config)
+    return config
+
+
+def test_latest_predictions_holds_the_champions_row_per_image(spark, view_lake):
+    latest = spark.sql(f"SELECT image_id, predicted_label, model_version "
+                       f"FROM {view_lake.catalog.database}.latest_predictions")
+    assertDataFrameEqual(latest, [Row(image_id="a", predicted_label="cat", model_version="2"),
+                                  Row(image_id="b", predicted_label="cat", model_version="2")])
+
+
+def test_daily_label_counts_count_per_day_model_and_label(spark, view_lake):
+    counts = spark.sql(f"SELECT * FROM {view_lake.catalog.database}.daily_label_counts")
+    day = datetime.date
+    assertDataFrameEqual(counts, [
+        Row(score_date=day(2026, 11, 1), model_name="m", model_version="1", predicted_label="cat",
+            images=1, mean_confidence=0.9),
+        Row(score_date=day(2026, 11, 1), model_name="m", model_version="1", predicted_label="dog",
+            images=1, mean_confidence=0.5),
+        Row(score_date=day(2026, 11, 2), model_name="m", model_version="1", predicted_label="cat",
+            images=1, mean_confidence=0.7),
+        Row(score_date=day(2026, 11, 2), model_name="m", model_version="2", predicted_label="cat",
+            images=2, mean_confidence=0.75),
+    ])
+
+
+def test_review_queue_holds_predictions_under_the_threshold(spark, view_lake):
+    queue = spark.sql(f"SELECT image_id, path, confidence, model_version "
+                      f"FROM {view_lake.catalog.database}.review_queue")
+    assertDataFrameEqual(queue, [Row(image_id="b", path="file:/x/b.png", confidence=0.5, model_version="1"),
+                                 Row(image_id="b", path="file:/x/b.png", confidence=0.55, model_version="2")])
+
+
+def test_review_threshold_comes_from_the_config(spark, view_lake):
+    stricter = view_lake.with_overrides({"score.review_threshold": 0.8})
+    lakehouse.register_tables(spark, stricter)
+    queue = spark.sql(f"SELECT image_id, model_version FROM {stricter.catalog.database}.review_queue")
+    assertDataFrameEqual(queue, [Row(image_id="b", model_version="1"), Row(image_id="c", model_version="1"),
+                                 Row(image_id="b", model_version="2")])
+
+
+def test_worker_cache_serves_a_new_key_with_a_new_model(tmp_path):
+    """A changed model (new key) is loaded afresh; the same key is served from the cache."""
+    loads: list[str] = []
+
+    class Recorded(score.DirectoryLoader):
+        def __call__(self):
+            loads.append(self.key)
+            return super().__call__()
+
+    model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (0.0,) * 3, (1.0,) * 3))
+    ImageClassifier(model, LABELS, TransformSpec(size=(32, 32))).save(tmp_path / "m")
+    first = score.cached_model(Recorded(str(tmp_path / "m"), key="k1"), os.cpu_count() or 1)
+    again = score.cached_model(Recorded(str(tmp_path / "m"), key="k1"), 1)
+    other = score.cached_model(Recorded(str(tmp_path / "m"), key="k2"), 1)
+    assert first is again and other is not first
+    assert loads == ["k1", "k2"]
+
+
+def test_tensors_are_read_from_arrow_without_a_copy():
+    import pyarrow as pa
+
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    column = pa.array([x[0].tobytes(), x[1].tobytes()], pa.binary())
+    got = score.tensors_from_binary(column, (4, 4, 3))
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(score.tensors_from_binary(column.slice(1), (4, 4, 3)), x[1:])
+    with pytest.raises(ValueError, match="must all be 48 bytes"):
+        score.tensors_from_binary(pa.array([b"\x00" * 47], pa.binary()), (4, 4, 3))
+
+
+def test_scoring_without_images_names_the_missing_table(spark, config):
+    register(spark, config, seed=1)
+    with pytest.raises(RuntimeError, match="table 'images' does not exist"):
+        score.run(spark, config)
