@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -35,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -332,12 +330,14 @@ def with_model_columns(scored: DataFrame, name: str, version: str, run_id: str |
 
 
 def remove_staging(uri: str) -> None:
-    """Staging folders are local files in the embedded lakehouse; elsewhere a lifecycle rule ages them out."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        shutil.rmtree(parsed.path, ignore_errors=True)
-    else:
-        log.info("staging folder %s left for the storage's lifecycle rule", uri)
+    """Delete a staging folder (local, file:, s3a:// or s3://); a leftover is only wasted space."""
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
+        filesystem.delete_dir(path)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("could not remove staging folder %s: %s", uri, exc)
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""Evaluate on the real pipeline: sample digits -> ingest -> preprocess -> train -> evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from conftest import make_config
+from mlflow.tracking import MlflowClient
+
+from imageiq_spark import evaluate, ingest, lakehouse, metrics, preprocess, train
+from imageiq_spark.classifier import load_classifier
+from imageiq_spark.sample_data import write_sample_data
+
+
+@pytest.fixture(scope="module")
+def evaluated(spark, tmp_path_factory):
+    """20 digits per class, a model trained 3 epochs, evaluated on the test split."""
+    root = tmp_path_factory.mktemp("evaluate")
+    write_sample_data(root / "src", per_class=20)
+    config = make_config(root, ingest={"source": str(root / "src")},
+                         train={"epochs": 3, "batch_size": 16},
+                         mlflow={"registered_model": "digits"})
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+    train.run(spark, config)
+    return config, evaluate.run(spark, config)
+
+
+def expected_report(spark, config) -> tuple[metrics.Report, list[str]]:
+    """The same metrics computed here, from the champion and the test split, independently."""
+    classifier = load_classifier("models:/digits/1")
+    rows = preprocess.read_prepared(spark, config, classifier.spec.version, ["test"]).collect()
+    shape = classifier.model.input_shape[1:]
+    x = np.stack([np.frombuffer(r.tensor, np.uint8).reshape(shape) for r in rows])
+    y = np.array([classifier.labels.index(r.label) for r in rows])
+    return metrics.evaluate(y, classifier.predict_tensors(x), classifier.labels), [r.image_id for r in rows]
+
+
+def test_evaluations_table_holds_the_metrics_of_the_test_split(spark, evaluated):
+    config, summary = evaluated
+    report, _ = expected_report(spark, config)
+    table = {(r.metric, r["class"]): r.value for r in
+             lakehouse.read_table(spark, config, "evaluations").collect()}
+    assert {(r.model_name, r.model_version, r.split) for r in
+            lakehouse.read_table(spark, config, "evaluations").collect()} == {("digits", "1", "test")}
+    assert report.count == summary.report.count > 0
+    assert table[("accuracy", None)] == pytest.approx(report.accuracy)
+    assert table[("f1_macro", None)] == pytest.approx(report.macro["f1"])
+    assert table[("expected_calibration_error", None)] == pytest.approx(report.ece, abs=1e-6)
+    for i, label in enumerate(report.labels):
+        assert table[("recall", label)] == pytest.approx(report.per_class.recall[i])
+        assert table[("support", label)] == report.per_class.support[i]
+    assert len(table) == len(report.rows())
+
+
+def test_evaluating_again_replaces_rather_than_adds(spark, evaluated):
+    config, _ = evaluated
+    before = lakehouse.read_table(spark, config, "evaluations").count()
+
+    evaluate.run(spark, config)
+
+    rows = lakehouse.read_table(spark, config, "evaluations")
+    assert rows.count() == before
+    assert rows.groupBy("metric", "class").count().where("count > 1").count() == 0
+
+
+def test_metrics_and_pictures_are_logged_to_the_models_run(evaluated):
+    config, summary = evaluated
+    client = MlflowClient()
+    run_id = client.get_model_version("digits", "1").run_id
+    logged = client.get_run(run_id).data.metrics
+    assert logged["test_accuracy"] == pytest.approx(summary.report.accuracy)
+    assert logged["test_roc_auc_ovr_macro"] == pytest.approx(summary.report.roc_auc_macro)
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation/test")}
+    assert {"confusion_matrix.png", "reliability_diagram.png", "confident_mistakes.png",
+            "report.md"} <= names
+
+
+def test_markdown_report_is_written_under_storage_root(evaluated):
+    config, summary = evaluated
+    path = Path(urlparse(summary.report_uri).path)
+    assert path.is_relative_to(Path(config.storage.root).resolve())
+    text = path.read_text()
+    assert f"| accuracy | {summary.report.accuracy:.4f} |" in text
+    assert (path.parent / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(line.startswith("test accuracy:") for line in summary.lines())
