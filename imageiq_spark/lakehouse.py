@@ -33,7 +33,10 @@ from imageiq_spark.session import storage_uri
 
 log = logging.getLogger(__name__)
 
-TABLES = ("images", "quarantine", "prepared", "predictions", "evaluations", "model_aliases")
+TABLES = (
+    "images", "quarantine", "prepared", "prepared_labels", "prepared_versions", "predictions",
+    "evaluations", "model_aliases",
+)
 CONFLICTS = (
     ConcurrentAppendException,
     ConcurrentDeleteReadException,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from conftest import make_config
 from images import bmp, camera_scene, gray_png, jpeg, png, quadrants
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from imageiq_spark import ingest, lakehouse
@@ -43,93 +45,139 @@ def source(tmp_path: Path) -> Path:
     return folder
 
 
-def test_odd_but_good_formats_are_ingested_with_their_probed_layout(spark, tmp_path, source):
+UPRIGHT = jpeg(quadrants(26, 32))
+DUPLICATE = png(quadrants(20, 30))
+BROKEN = {
+    "empty.png": b"",
+    "text.png": b"this is not an image at all",
+    "bad_crc.png": image_files.png_bad_crc(),
+    "cut.jpg": image_files.jpeg_truncated(),
+    "huge_header.png": image_files.png_header_only(20_000, 20_000),
+    "big_file.jpg": jpeg(camera_scene(200, 200)),  # ~12 kB > max_bytes
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(spark, tmp_path_factory):
+    """One ingest of a folder holding every odd-but-good format, every kind of broken file and a
+    duplicate; the tests below each check one behaviour of its outcome."""
+    root = tmp_path_factory.mktemp("mixed")
+    source = root / "source"
     write(
         source, {f"cats/nested/deeper/{name}": make() for name, (make, *_) in image_files.GOOD_FILES.items()}
     )
-    config = make_config(tmp_path, ingest={"source": str(source)})
-
+    write(source, {f"broken/{name}": data for name, data in BROKEN.items()})
+    write(source, {"x/upright.jpg": UPRIGHT, "b/copy.png": DUPLICATE, "a/original.png": DUPLICATE})
+    config = make_config(root, ingest={"source": str(source), "max_pixels": 10_000_000, "max_bytes": 10_000})
     summary = ingest.run(spark, config)
+    return config, summary
 
+
+def names_of(df):
+    return df.selectExpr(
+        "element_at(split(path, '/'), -2) AS folder", "element_at(split(path, '/'), -1) AS name"
+    )
+
+
+def test_odd_but_good_formats_are_ingested_with_their_probed_layout(spark, mixed):
+    config, _ = mixed
     expected = [
         Row(name=name, label="deeper", format=fmt, width=w, height=h, channels=c, bit_depth=b)
         for name, (_make, fmt, w, h, c, b) in image_files.GOOD_FILES.items()
     ]
-    actual = images(spark, config).selectExpr(
-        "element_at(split(path, '/'), -1) AS name",
-        "label",
-        "format",
-        "width",
-        "height",
-        "channels",
-        "bit_depth",
+
+    actual = (
+        images(spark, config)
+        .filter("label = 'deeper'")
+        .selectExpr(
+            "element_at(split(path, '/'), -1) AS name",
+            "label",
+            "format",
+            "width",
+            "height",
+            "channels",
+            "bit_depth",
+        )
     )
+
     assertDataFrameEqual(actual, expected)
-    assert (summary.new_images, summary.duplicates, sum(summary.quarantined.values())) == (11, 0, 0)
 
 
-def test_image_id_is_the_sha256_of_the_bytes_and_content_is_kept(spark, tmp_path, source):
-    data = jpeg(quadrants(24, 32))
-    write(source, {"a/one.jpg": data})
-    config = make_config(tmp_path, ingest={"source": str(source)})
+def test_image_id_is_the_sha256_of_the_bytes_and_content_is_kept(spark, mixed):
+    config, _ = mixed
 
-    ingest.run(spark, config)
+    row = images(spark, config).filter(F.col("path").endswith("/x/upright.jpg")).first()
 
-    row = images(spark, config).select("image_id", "content", "size_bytes").first()
-    assert row.image_id == hashlib.sha256(data).hexdigest()
-    assert bytes(row.content) == data
-    assert row.size_bytes == len(data)
+    assert row.image_id == hashlib.sha256(UPRIGHT).hexdigest()
+    assert bytes(row.content) == UPRIGHT
+    assert (row.size_bytes, row.label) == (len(UPRIGHT), "x")
 
 
-def test_exif_orientation_is_recorded(spark, tmp_path, source):
-    rotated = image_files.GOOD_FILES["rotated.jpg"][0]()
-    write(source, {"x/rotated.jpg": rotated, "x/upright.jpg": jpeg(quadrants(24, 32))})
-    config = make_config(tmp_path, ingest={"source": str(source)})
+def test_exif_orientation_is_recorded(spark, mixed):
+    config, _ = mixed
 
-    ingest.run(spark, config)
+    rows = images(spark, config).filter(F.col("path").rlike("/(rotated|upright)\\.jpg$"))
 
-    rows = images(spark, config).selectExpr("element_at(split(path, '/'), -1) AS name", "orientation")
     assertDataFrameEqual(
-        rows, [Row(name="rotated.jpg", orientation=6), Row(name="upright.jpg", orientation=1)]
+        rows.selectExpr("element_at(split(path, '/'), -1) AS name", "orientation"),
+        [Row(name="rotated.jpg", orientation=6), Row(name="upright.jpg", orientation=1)],
     )
 
 
-def test_each_broken_file_is_quarantined_with_its_reason_and_the_rest_ingested(spark, tmp_path, source):
-    write(
-        source,
-        {
-            "d/empty.png": b"",
-            "d/text.png": b"this is not an image at all",
-            "d/bad_crc.png": image_files.png_bad_crc(),
-            "d/cut.jpg": image_files.jpeg_truncated(),
-            "d/huge_header.png": image_files.png_header_only(20_000, 20_000),
-            "d/big_file.jpg": jpeg(camera_scene(200, 200)),
-            "d/good.png": gray_png(quadrants(20, 30)[:, :, 0]),
-        },
-    )
-    config = make_config(
-        tmp_path, ingest={"source": str(source), "max_pixels": 10_000_000, "max_bytes": 5_000}
-    )
-
-    summary = ingest.run(spark, config)
+def test_each_broken_file_is_quarantined_with_its_reason(spark, mixed):
+    config, _ = mixed
 
     reasons = quarantine(spark, config).selectExpr(
-        "element_at(split(path, '/'), -1) AS name", "reason", "stage"
+        "element_at(split(path, '/'), -1) AS name", "reason", "stage", "size_bytes"
     )
+
     assertDataFrameEqual(
         reasons,
         [
-            Row(name="empty.png", reason="empty", stage="ingest"),
-            Row(name="text.png", reason="not_image", stage="ingest"),
-            Row(name="bad_crc.png", reason="corrupt", stage="ingest"),
-            Row(name="cut.jpg", reason="truncated", stage="ingest"),
-            Row(name="huge_header.png", reason="too_many_pixels", stage="ingest"),
-            Row(name="big_file.jpg", reason="too_large", stage="ingest"),
+            Row(name="empty.png", reason="empty", stage="ingest", size_bytes=0),
+            Row(name="text.png", reason="not_image", stage="ingest", size_bytes=len(BROKEN["text.png"])),
+            Row(name="bad_crc.png", reason="corrupt", stage="ingest", size_bytes=len(BROKEN["bad_crc.png"])),
+            Row(name="cut.jpg", reason="truncated", stage="ingest", size_bytes=len(BROKEN["cut.jpg"])),
+            Row(
+                name="huge_header.png",
+                reason="too_many_pixels",
+                stage="ingest",
+                size_bytes=len(BROKEN["huge_header.png"]),
+            ),
+            Row(
+                name="big_file.jpg",
+                reason="too_large",
+                stage="ingest",
+                size_bytes=len(BROKEN["big_file.jpg"]),
+            ),
         ],
     )
-    detail = quarantine(spark, config).filter("reason = 'too_large'").first().detail
-    assert "ingest.max_bytes 5000" in detail
-    assert [r.path.rsplit("/", 1)[-1] for r in images(spark, config).collect()] == ["good.png"]
+
+
+def test_quarantine_details_say_what_was_wrong(spark, mixed):
+    config, _ = mixed
+
+    details = dict(quarantine(spark, config).select("reason", "detail").collect())
+
+    assert details["too_large"] == f"{len(BROKEN['big_file.jpg'])} bytes > ingest.max_bytes 10000"
+    assert details["too_many_pixels"] == "20000x20000 = 400000000 pixels > 10000000"
+    assert "fails its CRC" in details["corrupt"]
+    assert details["empty"] == "file has 0 bytes"
+
+
+def test_duplicate_content_is_one_image_whose_path_is_the_first(spark, mixed):
+    config, _ = mixed
+
+    rows = names_of(images(spark, config).filter(F.col("image_id") == hashlib.sha256(DUPLICATE).hexdigest()))
+
+    assertDataFrameEqual(rows, [Row(folder="a", name="original.png")])
+
+
+def test_the_summary_counts_every_file_once(mixed):
+    _, summary = mixed
+    good = len(image_files.GOOD_FILES) + 2  # + upright.jpg + original.png
+
+    assert (summary.files_seen, summary.new_images, summary.duplicates) == (good + 1 + len(BROKEN), good, 1)
     assert dict(summary.quarantined) == {
         "empty": 1,
         "not_image": 1,
@@ -138,10 +186,15 @@ def test_each_broken_file_is_quarantined_with_its_reason_and_the_rest_ingested(s
         "too_many_pixels": 1,
         "too_large": 1,
     }
+    assert summary.lines()[0] == f"files seen:   {good + 1 + len(BROKEN)}"
 
 
-def test_a_30000_square_png_bomb_is_rejected_from_its_header_in_well_under_a_second(tmp_path):
-    bomb = image_files.png_bomb(tmp_path / "bomb.png")
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return image_files.png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+def test_a_30000_square_png_bomb_is_rejected_from_its_header_in_well_under_a_second(bomb):
     data = bomb.read_bytes()
     assert len(data) < 1_500_000  # about 1 MB on disk, 900 MB of pixels
 
@@ -155,8 +208,8 @@ def test_a_30000_square_png_bomb_is_rejected_from_its_header_in_well_under_a_sec
     assert elapsed < 0.5
 
 
-def test_the_png_bomb_lands_in_quarantine_during_ingest(spark, tmp_path, source):
-    image_files.png_bomb(source / "bomb.png")
+def test_the_png_bomb_lands_in_quarantine_during_ingest(spark, tmp_path, source, bomb):
+    shutil.copy(bomb, source / "bomb.png")
     config = make_config(tmp_path, ingest={"source": str(source)})
 
     ingest.run(spark, config)
@@ -176,40 +229,12 @@ def test_a_rerun_adds_nothing_and_new_files_add_exactly_themselves(spark, tmp_pa
     assert (again.files_seen, again.new_images, images(spark, config).count()) == (0, 0, before)
 
     write(source, {f"new/img_{i}.png": image_files.distinct_png(20 + i) for i in range(10)})
+    write(source, {"new/copy_of_img_0.png": image_files.distinct_png(0)})
     more = ingest.run(spark, config)
 
-    assert (more.files_seen, more.new_images) == (10, 10)
+    assert (more.files_seen, more.new_images, more.duplicates) == (11, 10, 1)
     new_rows = images(spark, config).filter("label = 'new'").select("path").collect()
     assert sorted(r.path.rsplit("/", 1)[-1] for r in new_rows) == sorted(f"img_{i}.png" for i in range(10))
-
-
-def test_duplicate_content_is_one_image_whose_path_is_the_first(spark, tmp_path, source):
-    same = png(quadrants(20, 30))
-    write(
-        source,
-        {"b/copy.png": same, "a/original.png": same, "a/other.png": gray_png(quadrants(20, 30)[:, :, 0])},
-    )
-    config = make_config(tmp_path, ingest={"source": str(source)})
-
-    summary = ingest.run(spark, config)
-
-    rows = images(spark, config).selectExpr(
-        "element_at(split(path, '/'), -2) AS folder", "element_at(split(path, '/'), -1) AS name"
-    )
-    assertDataFrameEqual(rows, [Row(folder="a", name="original.png"), Row(folder="a", name="other.png")])
-    assert (summary.files_seen, summary.new_images, summary.duplicates) == (3, 2, 1)
-
-
-def test_a_duplicate_arriving_in_a_later_run_adds_no_row(spark, tmp_path, source):
-    write(source, {"a/first.png": gray_png(quadrants(20, 30)[:, :, 0])})
-    config = make_config(tmp_path, ingest={"source": str(source)})
-    ingest.run(spark, config)
-
-    write(source, {"b/second.png": gray_png(quadrants(20, 30)[:, :, 0])})
-    summary = ingest.run(spark, config)
-
-    assert (summary.new_images, summary.duplicates) == (0, 1)
-    assert images(spark, config).count() == 1
 
 
 @pytest.mark.parametrize("manifest_format", ["csv", "parquet"])
