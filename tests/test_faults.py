@@ -1,0 +1,128 @@
+"""Jobs that survive faults: a driver killed mid-run (SIGKILL) and rerun leaves every table with each
+row exactly once; a Python worker that dies on one image fails only that image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_config
+from pyspark.testing import assertDataFrameEqual
+
+from imageiq_spark import ingest, lakehouse
+from imageiq_spark.config import Config, to_dict
+from imageiq_spark.sample_data import write_sample_data
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real digits per label, one duplicate content and one corrupt file."""
+    root = tmp_path_factory.mktemp("fault_images")
+    write_sample_data(root, per_class=2)
+    (root / "7" / "copy_of_a_seven.png").write_bytes(next((root / "7").glob("*.png")).read_bytes())
+    (root / "5" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 5)
+    return root
+
+
+def write_conf(config: Config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    return path
+
+
+def start_cli(conf: Path, *command: str, cwd: Path) -> subprocess.Popen:
+    """The CLI in its own process group, so the driver Python and its JVM die together."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "imageiq_spark", "--conf", str(conf), *command],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL the driver's process group as soon as `ready()` holds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (exit {proc.returncode}) before the kill point:\n"
+                        + proc.stderr.read()[-3000:])
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the kill point was never reached")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def run_cli(conf: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imageiq_spark", "--conf", str(conf), *command],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+
+
+def ingest_keys(spark, config: Config):
+    """Which images and quarantined files a lakehouse holds. Which of two paths with the same bytes
+    `images` keeps depends on the batches they arrived in, so `path` is checked separately."""
+    images = lakehouse.read_table(spark, config, "images").select("image_id", "label", "size_bytes")
+    quarantine = lakehouse.read_table(spark, config, "quarantine").select("path", "reason", "stage")
+    return images, quarantine
+
+
+def test_ingest_killed_mid_batch_and_rerun_holds_each_row_exactly_once(spark, tmp_path, source):
+    config = make_config(tmp_path, ingest={"source": str(source), "files_per_batch": 6})
+    conf = write_conf(config, tmp_path / "conf.yaml")
+    checkpoints = Path(config.storage.root) / "checkpoints" / "ingest"
+
+    # Batch 1 is planned (its offsets are written) and batch 0 committed: kill mid-run.
+    proc = start_cli(conf, "ingest", cwd=tmp_path)
+    kill_when(proc, lambda: any(checkpoints.glob("*/offsets/1")))
+    images_after_kill = lakehouse.read_table(spark, config, "images").count()
+    rerun = run_cli(conf, "ingest", cwd=tmp_path)
+
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < images_after_kill < 20, "the kill must land after the first batch and before the last"
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    clean = make_config(tmp_path / "clean", ingest={"source": str(source), "files_per_batch": 6})
+    ingest.run(spark, clean)
+    killed_images, killed_quarantine = ingest_keys(spark, config)
+    clean_images, clean_quarantine = ingest_keys(spark, clean)
+    assertDataFrameEqual(killed_images, clean_images)
+    assertDataFrameEqual(killed_quarantine, clean_quarantine)
+    assert killed_images.count() == 20  # 21 good files, one of them a duplicate of another's bytes
+    content_of = {f"file:{p}": hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*.png")}
+    kept = lakehouse.read_table(spark, config, "images").select("image_id", "path").collect()
+    assert all(content_of[r.path] == r.image_id for r in kept)
+    assert [tuple(r) for r in killed_quarantine.collect()] == [
+        (f"file:{source}/5/broken.png", "truncated", "ingest")
+    ]
+
+
+def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp_path, source):
+    victim = sorted((source / "4").glob("mnist_*.png"))[1]
+    config = make_config(
+        tmp_path, ingest={"source": str(source), "fault_inject_path_contains": f"4/{victim.name}"}
+    )
+    clean = make_config(tmp_path / "clean", ingest={"source": str(source)})
+
+    summary = ingest.run(spark, config)
+
+    ingest.run(spark, clean)
+    images, quarantine = ingest_keys(spark, config)
+    clean_images, _ = ingest_keys(spark, clean)
+    victim_id = hashlib.sha256(victim.read_bytes()).hexdigest()
+    assertDataFrameEqual(images, clean_images.filter(f"image_id != '{victim_id}'"))
+    assert sorted(tuple(r) for r in quarantine.collect()) == sorted([
+        (f"file:{source}/5/broken.png", "truncated", "ingest"),
+        (f"file:{victim}", "worker_crash", "ingest"),
+    ])
+    assert summary.quarantined == {"truncated": 1, "worker_crash": 1}
+    assert summary.new_images == 19
