@@ -51,7 +51,7 @@ def test_first_model_takes_champion_and_run_traces_to_its_data(spark, lake, cham
         .history(1).first()["version"]
 
     assert champion.alias == "champion"
-    assert client.get_model_version_by_alias("digits", "champion").version == champion.version
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == champion.version
     assert run.data.tags["prepared_delta_version"] == str(delta_version)
     assert run.data.tags["preprocess_version"] == preprocess.current_version(config)
     # The whole resolved config, every key, as params.
@@ -109,9 +109,10 @@ def test_worse_model_does_not_take_champion(spark, lake, champion):
     client = MlflowClient()
     assert summary.val_accuracy < champion.val_accuracy
     assert summary.alias == "challenger"
-    assert client.get_model_version_by_alias("digits", "champion").version == champion.version
-    assert client.get_model_version_by_alias("digits", "challenger").version == summary.version
-    aliases = {r.alias: r.model_version for r in lakehouse.read_table(spark, config, "model_aliases").collect()}
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == champion.version
+    assert str(client.get_model_version_by_alias("digits", "challenger").version) == summary.version
+    rows = lakehouse.read_table(spark, config, "model_aliases").collect()
+    aliases = {r.alias: r.model_version for r in rows}
     assert aliases == {"champion": champion.version, "challenger": summary.version}
 
 
