@@ -50,7 +50,7 @@ class KerasArrays(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> Any:
         x = np.stack(model_input.iloc[:, 0].to_numpy()).reshape(-1, *self.model.input_shape[1:])
-        return list(self.model.predict(x, batch_size=self.batch, verbose=0))
+        return self.model.predict(x, batch_size=self.batch, verbose=0)
 
 
 def make_predict_fn(path: str, batch: int):
