@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import make_config
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse
+from imageiq_spark import ingest, lakehouse, preprocess
 from imageiq_spark.config import Config, to_dict
 from imageiq_spark.sample_data import write_sample_data
 
@@ -60,6 +62,15 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     proc.wait(timeout=60)
     proc.stdout.close()
     proc.stderr.close()
+
+
+def python_workers_running(proc: subprocess.Popen) -> bool:
+    """The job is computing: its JVM has started Python workers (they live until the job ends)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        return any("pyspark.daemon" in " ".join(c.cmdline()) for c in children)
+    except psutil.Error:
+        return False
 
 
 def run_cli(conf: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -126,3 +137,28 @@ def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp
     ])
     assert summary.quarantined == {"truncated": 1, "worker_crash": 1}
     assert summary.new_images == 19
+
+
+@pytest.mark.slow  # two more CLI processes (~2 min on an idle 2-core machine)
+def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path, source):
+    config = make_config(tmp_path, ingest={"source": str(source)})
+    ingest.run(spark, config)
+    conf = write_conf(config, tmp_path / "conf.yaml")
+
+    proc = start_cli(conf, "preprocess", cwd=tmp_path)
+    kill_when(proc, lambda: python_workers_running(proc))
+    rerun = run_cli(conf, "preprocess", cwd=tmp_path)
+
+    assert proc.returncode == -signal.SIGKILL
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    clean = make_config(tmp_path / "clean", ingest={"source": str(source)})
+    ingest.run(spark, clean)
+    preprocess.run(spark, clean)
+
+    def prepared(cfg: Config):
+        return lakehouse.read_table(spark, cfg, "prepared").select(
+            "image_id", "label", "label_index", "split", F.sha2("tensor", 256).alias("tensor_sha")
+        )
+
+    assertDataFrameEqual(prepared(config), prepared(clean))
+    assert prepared(config).count() == 20
