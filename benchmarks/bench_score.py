@@ -33,8 +33,8 @@ from imageiq_spark.session import get_spark  # noqa: E402
 from imageiq_spark.transform import TransformSpec, prepare_batch  # noqa: E402
 
 CASES = (  # architecture, side, images, batch
-    ("small_cnn", 32, 16384, 256),
-    ("mobilenet_v2", 224, 384, 64),
+    ("small_cnn", 32, 8192, 256),
+    ("mobilenet_v2", 224, 256, 64),
 )
 REPEATS = 3
 
