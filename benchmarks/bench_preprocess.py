@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import multiprocessing
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -25,7 +26,7 @@ from imageiq_spark import ingest, lakehouse, preprocess
 from imageiq_spark.config import Config
 from imageiq_spark.sample_data import load_digits
 from imageiq_spark.session import get_spark
-from imageiq_spark.transform import TransformSpec
+from imageiq_spark.transform import TransformSpec, jpeg_size, reduction_factor
 
 REPEATS = 3
 SETS = (  # name, count, stored (height, width), target size
@@ -78,6 +79,11 @@ def _plain(data: bytes) -> int:
     return out.nbytes
 
 
+def preprocess_factor(data: bytes, spec: TransformSpec) -> int:
+    size = jpeg_size(data)
+    return reduction_factor(size, spec) if size else 1
+
+
 def load_images(spark: SparkSession, config: Config, contents: list[bytes]) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = [(hashlib.sha256(d).hexdigest(), f"file:/bench/{i}.img", str(i % 10), "jpeg", 0, 0, 3, 8, 1,
@@ -116,6 +122,10 @@ def measure(spark: SparkSession, workdir: Path, count: int, stored: tuple[int, i
         baseline = timed(lambda: pool.map(_plain, contents, chunksize=8), repeats=REPEATS)
     udf_only(spark, source)  # warm-up: Python workers, Delta classes
     udf = timed(lambda: udf_only(spark, source), repeats=REPEATS)
+    # The same job over a one-image table: what any such Spark job costs regardless of size.
+    single = config_for()
+    load_images(spark, single, contents[:1])
+    floor = timed(lambda: udf_only(spark, single), repeats=REPEATS)
 
     stage_configs: list[Config] = []
 
@@ -127,8 +137,10 @@ def measure(spark: SparkSession, workdir: Path, count: int, stored: tuple[int, i
     rerun = timed(lambda: preprocess.run(spark, stage_configs[-1]), repeats=1)
     factor = preprocess_factor(contents[0], TransformSpec.from_config(source))
     b, u, s = count / median(baseline), count / median(udf), count / median(stage)
+    # Per-image rate once the job's fixed cost is paid: what a large set converges to.
+    marginal = (count - 1) / max(median(udf) - median(floor), 1e-3)
     row = [count, f"{sum(map(len, contents)) / 1e6:.1f}", f"1/{factor}", b, u, u / b, s, s / b,
-           median(stage) - median(udf), rerun[0]]
+           median(floor), marginal, marginal / b, rerun[0]]
     return row
 
 
@@ -139,36 +151,36 @@ def run(workdir: Path) -> str:
     for name, count, stored, target in SETS:
         rows.append([name, *measure(spark, workdir, count, stored, target)])
     header = ["images", "n", "MB", "decode", "plain loop img/s", "UDF img/s", "UDF ratio",
-              "stage img/s", "stage ratio", "stage fixed s", "rerun s"]
+              "stage img/s", "stage ratio", "job floor s", "UDF marginal img/s", "marginal ratio",
+              "rerun s"]
+    load = os.getloadavg()[0]
     return f"""## Preprocess
 
-`local[2]`, same bytes, same 2 cores, median of {REPEATS} runs. *Plain loop*: multiprocessing
-`Pool(2)` over the bytes in memory, full `cv2.imdecode` + `INTER_AREA` resize + BGR->RGB (the bare
-baseline). *UDF*: `prepare_image` in the stage's pandas iterator UDF over the Delta `images` table,
-rows discarded (`noop` sink). *Stage*: the whole `preprocess.run` into a fresh database (UDF, MERGE
-into `prepared`, label vocabulary, train-split channel statistics, sample-grid PNG). *Decode* is the
-DCT-domain reduction the transform chose. Ratios are throughput over the plain loop's.
+`local[2]`, same bytes, same 2 cores, median of {REPEATS} runs; 1-minute load average at the end:
+{load:.1f} on 2 cores (other sessions ran beside it). *Plain loop*: multiprocessing `Pool(2)` over
+the bytes in memory, full `cv2.imdecode` + `INTER_AREA` resize + BGR->RGB (the bare baseline).
+*UDF*: `prepare_image` in the stage's pandas iterator UDF over the Delta `images` table, rows
+discarded (`noop` sink). *Stage*: the whole `preprocess.run` into a fresh database (UDF, MERGE into
+`prepared`, label vocabulary, train-split channel statistics, sample-grid PNG). *Decode*: the
+DCT-domain reduction the transform chose. *Job floor*: the same UDF job over a one-image table.
+*UDF marginal*: (n - 1) / (UDF time - job floor), the per-image rate once the job's fixed cost is
+paid. Ratios are throughput over the plain loop's.
 
 {table(header, rows)}
 
-Where the time goes:
+Where the time goes (read the figures above; the targets are >= 0.9x for 500x375 and >= 3x for
+4000x3000):
+- Every Spark job here pays a fixed cost (the job floor: Delta log and Parquet scan planning,
+  the round-robin shuffle that spreads one table file over both cores, Python worker round
+  trips) that the in-memory loop never pays. With sets this small it is most of the UDF's time,
+  so the end-to-end ratios understate the per-image rate; the marginal columns separate the two.
 - 4000x3000 camera JPEGs: the full-size decode is nearly all of the plain loop's cost; the
   transform decodes at 1/4 scale in the DCT domain (within 2 grey levels mean of the full decode,
-  `tests/test_transform.py`), which is where the >= 3x comes from.
-- 500x375 JPEGs: no reduction applies (1/2 would leave less than twice 224 px), so the UDF does the
-  same decode and resize as the loop; the gap is Spark's per-row cost (Delta/Parquet scan of the
-  bytes, round-robin shuffle to spread one file over the cores, Arrow to pandas and back, the
-  tensor bytes out).
-- 28x28 digits: a decode + resize is ~20 us, so any per-row cost (Arrow conversion, Python objects
-  per row, the job's scheduling) dominates; the stage's fixed cost ("stage fixed s": MERGE
-  commits, the vocabulary, statistics and grid jobs, a few seconds on this machine) matters only
-  for small sets like these and is paid once per run, not per image.
+  `tests/test_transform.py`), so its marginal rate is where a reduction shows.
+- 500x375 JPEGs: no reduction applies (1/2 would leave less than twice 224 px), so the UDF does
+  the same decode and resize as the loop plus Arrow <-> pandas conversion and the tensor bytes out.
+- 28x28 digits: a decode + resize is ~20 us, so per-row and per-job costs dominate everything.
+- The stage adds to the UDF: two MERGE commits (vocabulary, `prepared`), the train-split
+  statistics job and its MERGE, the grid job and the summary counts: fixed per run, not per image.
 - A rerun prepares nothing: it costs the anti-join of `images` against `prepared` and the summary.
 """
-
-
-def preprocess_factor(data: bytes, spec: TransformSpec) -> int:
-    from imageiq_spark.transform import jpeg_size, reduction_factor
-
-    size = jpeg_size(data)
-    return reduction_factor(size, spec) if size else 1

@@ -5,7 +5,8 @@ scoring and the exported model) inside a pandas iterator UDF over Arrow batches.
 (`image_id`, `preprocess_version`), where the version is `TransformSpec.version`, a hash of every
 transform parameter: a rerun prepares only images missing at the current version, and a config
 change prepares everything again under a new version beside the old one. Images that fail go to
-`quarantine` with stage `preprocess`; the job goes on.
+`quarantine` with stage `preprocess`; the job goes on, and later runs skip them (delete the
+quarantine row to retry one, for example after a fix in the transform).
 
 What travels with the table, in two small Delta tables beside it (same database folder):
 - `prepared_labels` (label, label_index, added_at): the label vocabulary. Labels get indices in
@@ -364,8 +365,8 @@ def update_vocabulary(spark: SparkSession, config: Config, labels: set[str], att
     never give one index to two labels; the loser re-reads and tries again.
     """
     location = lakehouse.table_location(config, LABELS_TABLE)
+    current = read_label_vocabulary(spark, config)
     for _ in range(attempts):
-        current = read_label_vocabulary(spark, config)
         new = sorted(labels - set(current))
         if not new:
             return current
@@ -379,9 +380,14 @@ def update_vocabulary(spark: SparkSession, config: Config, labels: set[str], att
             "ON t.label = s.label OR t.label_index = s.label_index WHEN NOT MATCHED THEN INSERT *"
         )
         try:
-            lakehouse.with_conflict_retry(lambda s=statement: spark.sql(s).collect(), "merge labels")
+            metrics = lakehouse.with_conflict_retry(lambda s=statement: spark.sql(s).collect(),
+                                                    "merge labels")
         finally:
             spark.catalog.dropTempView(view)
+        if metrics and int(metrics[0]["num_inserted_rows"]) == len(new):
+            return current + new
+        # Another run added labels first: read what it wrote and append after it.
+        current = read_label_vocabulary(spark, config)
     raise RuntimeError(f"could not add labels {sorted(labels)} to {LABELS_TABLE} after {attempts} attempts")
 
 
@@ -442,8 +448,14 @@ def write_grid(spark: SparkSession, config: Config, spec: TransformSpec) -> str 
         for r in rows
     ]
     uri = lakehouse.lake_path(config, "reports", "preprocess", f"samples_{spec.version}.png")
-    write_bytes(uri, grid_png(samples, f"preprocess_version {spec.version}: {spec.resize}, "
-                                       f"{spec.size[0]}x{spec.size[1]} {spec.color}"))
+    picture = grid_png(samples, f"preprocess_version {spec.version}: {spec.resize}, "
+                                f"{spec.size[0]}x{spec.size[1]} {spec.color}")
+    try:
+        write_bytes(uri, picture)
+    except OSError as exc:
+        # A picture for people must not fail the job (e.g. an object store pyarrow cannot reach).
+        log.warning("could not write the sample grid to %s: %s", uri, exc)
+        return None
     return uri
 
 
