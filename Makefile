@@ -37,7 +37,7 @@ jars/s3/.done:
 
 test: install jars jars-s3
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not slow" --timeout=900
+	$(BIN)/pytest -m "not slow" --timeout=900 --durations=25
 
 test-all: install jars jars-s3
 	$(BIN)/pytest --timeout=1800
