@@ -70,8 +70,11 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
+    #: Fraction of images used to fit the model.
     train: float = 0.8
+    #: Fraction used for early stopping and choosing the champion.
     val: float = 0.1
+    #: Fraction held out for `evaluate`.
     test: float = 0.1
 
 
@@ -87,11 +90,17 @@ class PreprocessConfig:
     enhance: list[Literal["clahe", "denoise", "unsharp", "white_balance", "gamma"]] = field(
         default_factory=list
     )
+    #: `clahe`: contrast limit of the histogram equalisation on luminance.
     clahe_clip_limit: float = 2.0
+    #: `clahe`: tiles per side over which histograms are equalised.
     clahe_tile_grid: int = 8
+    #: `denoise`: filter strength of non-local-means denoising (higher removes more noise and detail).
     denoise_strength: float = 5.0
+    #: `unsharp`: how much of the detail (image minus its blur) is added back.
     unsharp_amount: float = 1.0
+    #: `unsharp`: standard deviation in pixels of the blur the detail is measured against.
     unsharp_sigma: float = 1.0
+    #: `gamma`: out = 255 * (in / 255) ** (1 / gamma); above 1 brightens mid-tones.
     gamma: float = 1.0
     #: Grey level (0..255) of the padding `letterbox` adds around the resized image.
     pad_value: int = 0
@@ -135,7 +144,9 @@ class TrainConfig:
     weights: str = "none"
     #: A cap: early stopping on validation loss ends training and restores the best weights.
     epochs: int = 40
+    #: Images per training step (per worker when distributed).
     batch_size: int = 64
+    #: Adam's learning rate (the fine-tuning phase of a pretrained base uses a tenth of it).
     learning_rate: float = 0.001
     #: Epochs without validation-loss improvement before stopping.
     patience: int = 5
