@@ -80,7 +80,6 @@ def local_defaults(config: Config) -> dict[str, str]:
         "spark.sql.files.openCostInBytes": "1048576",
         # A micro-batch's file list is otherwise listed by one Spark task per file.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": "4",
-        "spark.default.parallelism": "4",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "1024",
         "spark.databricks.delta.snapshotPartitions": "2",
