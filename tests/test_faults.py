@@ -139,7 +139,6 @@ def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp
     assert summary.new_images == 19
 
 
-@pytest.mark.slow  # two more CLI processes (~2 min on an idle 2-core machine)
 def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path, source):
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)

@@ -39,7 +39,6 @@ def test_nightly_train_rejects_the_score_only_model_option():
     assert "unrecognized arguments: --model" in result.stderr
 
 
-@pytest.mark.slow
 def test_manual_spark_submit_lines_run_the_nightly_jobs_locally(tmp_path):
     from imageiq_spark.sample_data import write_sample_data
 

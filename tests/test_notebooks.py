@@ -20,7 +20,6 @@ NOTEBOOKS = REPO / "notebooks"
 PER_CLASS = 6
 EPOCHS = 2
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

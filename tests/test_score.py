@@ -140,7 +140,6 @@ def test_scoring_twice_adds_no_rows(spark, scored):
     assertDataFrameEqual(predictions(spark, lake), before)
 
 
-@pytest.mark.slow
 def test_new_images_are_scored_alone(spark, lake, base):
     score.run(spark, lake)
     before = predictions(spark, lake).collect()
@@ -157,7 +156,6 @@ def test_new_images_are_scored_alone(spark, lake, base):
     assert after.count() == 16 + HELD_BACK
 
 
-@pytest.mark.slow
 def test_a_new_champion_scores_everything_and_old_rows_stay(spark, lake):
     score.run(spark, lake)
     old = predictions(spark, lake).collect()
@@ -174,7 +172,6 @@ def test_a_new_champion_scores_everything_and_old_rows_stay(spark, lake):
     assert {r.model_version for r in latest.collect()} == {"2"}
 
 
-@pytest.mark.slow
 def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
     register(spark, lake, seed=3, alias=None)  # version 2, not the champion
 
@@ -184,7 +181,6 @@ def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
     assert {r.model_version for r in predictions(spark, lake).collect()} == {"2"}
 
 
-@pytest.mark.slow
 def test_two_concurrent_runs_leave_one_row_per_image_and_version(spark, lake):
     results: list[object] = []
 
