@@ -34,7 +34,7 @@ from imageiq_spark.transform import TransformSpec, prepare_batch  # noqa: E402
 
 CASES = (  # architecture, side, images, batch
     ("small_cnn", 32, 8192, 256),
-    ("mobilenet_v2", 224, 256, 64),
+    ("mobilenet_v2", 224, 512, 64),
 )
 REPEATS = 3
 

@@ -24,6 +24,7 @@ from typing import Any  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import (  # noqa: E402
@@ -59,6 +60,12 @@ class ImageClassifier:
         self.model = model
         self.labels = list(labels)
         self.spec = spec
+        # The forward pass as one compiled graph (what `model.predict` builds internally): an eager
+        # call runs layer by layer and was 1.5x (small CNN) to 2.2x (MobileNetV2) slower.
+        self._forward = tf.function(
+            lambda images: model(images, training=False),
+            input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)],
+        )
 
     def predict_tensors(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, h, w, c] -> float32 probabilities [n, classes]."""
@@ -71,7 +78,7 @@ class ImageClassifier:
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), dtype="float32")
         chunks = [
-            np.asarray(self.model(images[i:i + PREDICT_CHUNK], training=False), dtype="float32")
+            self._forward(images[i:i + PREDICT_CHUNK]).numpy().astype("float32", copy=False)
             for i in range(0, len(images), PREDICT_CHUNK)
         ]
         return np.concatenate(chunks)

@@ -287,9 +287,12 @@ def task_threads(spark: SparkSession) -> int:
 
 
 def spread(df: DataFrame, spark: SparkSession) -> DataFrame:
-    """At least one partition per core: a small table in one file would otherwise use one core."""
-    cores = spark.sparkContext.defaultParallelism
-    return df.repartition(cores) if df.rdd.getNumPartitions() < cores else df
+    """Balanced work for every core. A small table is one or a few files of uneven size (a
+    512-row table written as two files held nearly every row in one, and one core did all the
+    inference at half the machine's speed), so under two partitions per core the rows are dealt
+    round-robin; a large table's many files already spread."""
+    target = 2 * spark.sparkContext.defaultParallelism
+    return df.repartition(target) if df.rdd.getNumPartitions() < target else df
 
 
 def score_contents(df: DataFrame, loader: ModelLoader, top_k: int) -> DataFrame:

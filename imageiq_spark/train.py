@@ -51,7 +51,7 @@ from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from imageiq_spark import lakehouse, models, readers  # noqa: E402
-from imageiq_spark.config import AugmentConfig, Config, ConfigError, flatten, to_dict  # noqa: E402
+from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -463,9 +463,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
     with mlflow.start_run(run_id=previous.run_id if previous and previous.run_id else None) as active:
         run_id = active.info.run_id
         if previous is None:
-            params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                      for k, v in flatten(to_dict(config)).items()}
-            mlflow.log_params(params)
+            mlflow.log_params(loggable_params(config))
             mlflow.set_tags({
                 "prepared_delta_version": str(version),
                 "preprocess_version": spec.version,

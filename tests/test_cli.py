@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import Row
 
 from imageiq_spark.cli import print_rows
-from imageiq_spark.config import load_config
+from imageiq_spark.config import load_config, loggable_params
 
 
 @pytest.fixture
@@ -92,3 +92,22 @@ def test_a_query_error_exits_1_with_its_cause_on_stderr(tmp_path):
     assert result.returncode == 1
     assert "sql failed" in result.stderr and "TABLE_OR_VIEW_NOT_FOUND" in result.stderr
     assert result.stdout == ""
+
+
+def test_logged_params_hold_every_key_but_never_a_credential():
+    config = load_config(None, [
+        "train.epochs=3",
+        "spark_conf.spark.hadoop.fs.s3a.secret.key=SECRETVALUE",
+        "spark_conf.spark.hadoop.fs.s3a.access.key=ACCESSVALUE",
+        "spark_conf.spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000",
+    ])
+
+    params = loggable_params(config)
+
+    assert params["train.epochs"] == "3"
+    assert json.loads(params["spark_conf"]) == {
+        "spark.hadoop.fs.s3a.secret.key": "***",
+        "spark.hadoop.fs.s3a.access.key": "***",
+        "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000",
+    }
+    assert "SECRETVALUE" not in json.dumps(params) and "ACCESSVALUE" not in json.dumps(params)

@@ -19,7 +19,8 @@ from conftest import make_config
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse, preprocess
+from imageiq_spark import ingest, lakehouse, preprocess, tracking, train
+from imageiq_spark.classifier import load_classifier
 from imageiq_spark.config import Config, to_dict
 from imageiq_spark.sample_data import write_sample_data
 
@@ -161,3 +162,33 @@ def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path,
 
     assertDataFrameEqual(prepared(config), prepared(clean))
     assert prepared(config).count() == 20
+
+
+def test_score_killed_mid_run_and_rerun_scores_every_image_exactly_once(spark, tmp_path, source):
+    config = make_config(tmp_path, ingest={"source": str(source)}, train={"epochs": 1, "batch_size": 8})
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+    trained = train.run(spark, config)
+    conf = write_conf(config, tmp_path / "conf.yaml")
+
+    proc = start_cli(conf, "score", cwd=tmp_path)
+    kill_when(proc, lambda: python_workers_running(proc))
+    rows_after_kill = (lakehouse.read_table(spark, config, "predictions").count()
+                       if lakehouse.table_exists(spark, config, "predictions") else 0)
+    rerun = run_cli(conf, "score", cwd=tmp_path)
+
+    assert proc.returncode == -signal.SIGKILL
+    assert rows_after_kill == 0, "the kill must land before the predictions are merged"
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    predictions = lakehouse.read_table(spark, config, "predictions")
+    images = lakehouse.read_table(spark, config, "images")
+    assertDataFrameEqual(
+        predictions.select("image_id", "model_name", "model_version"),
+        images.select("image_id", F.lit("imageiq").alias("model_name"),
+                      F.lit(str(trained.version)).alias("model_version")),
+    )
+    classifier = load_classifier(tracking.default_model_uri(config))
+    rows = images.join(predictions, "image_id").select("content", "predicted_label").collect()
+    probabilities, failures = classifier.predict_bytes([bytes(r.content) for r in rows])
+    assert not failures
+    assert [r.predicted_label for r in rows] == [classifier.labels[i] for i in probabilities.argmax(axis=1)]
