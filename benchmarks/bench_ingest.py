@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks.common import bench_config, median, table, timed
 from imageiq_spark import ingest
+from imageiq_spark.config import Config
 from imageiq_spark.sample_data import write_sample_data
 from imageiq_spark.session import get_spark
 
@@ -32,12 +33,19 @@ def run(workdir: Path) -> str:
     counts = write_sample_data(source, per_class=IMAGES_PER_CLASS)
     n = sum(counts.values())
     lakes = iter(range(100))
-    config = bench_config(workdir / "lake0", ingest={"source": str(source)})
+
+    def lake_config() -> Config:
+        # A database per lake: the session's catalog maps a database name to one location.
+        index = next(lakes)
+        return bench_config(workdir / f"lake{index}", ingest={"source": str(source)},
+                            catalog={"database": f"bench_ingest_{index}"})
+
+    config = lake_config()
     spark = get_spark(config, app_name="bench-ingest")
 
     def fresh_lake() -> None:
         nonlocal config
-        config = bench_config(workdir / f"lake{next(lakes)}", ingest={"source": str(source)})
+        config = lake_config()
 
     baseline = timed(lambda: read_and_hash(source), repeats=3)
     # Warm-up run so JIT, Python workers and Delta classes are loaded before timing.
