@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -91,13 +92,15 @@ def _png(data: bytes) -> ImageInfo:
     return ImageInfo("png", width, height or 0, channels, bit_depth)
 
 
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg(data: bytes) -> ImageInfo:
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(marker, offset, payload) of each JPEG header segment, up to and including start of scan.
+
+    Raises ProbeError when the bytes end early or a marker is missing.
+    """
     pos = 2
-    size: tuple[int, int, int, int] | None = None
-    orientation = 1
     while True:
         if pos + 4 > len(data):
             raise ProbeError(TRUNCATED, "JPEG ends before its image data")
@@ -114,19 +117,28 @@ def _jpeg(data: bytes) -> ImageInfo:
         segment = data[pos + 4 : pos + 2 + length]
         if len(segment) < length - 2:
             raise ProbeError(TRUNCATED, f"JPEG segment 0x{marker:02X} runs past the end")
-        if marker in _SOF_MARKERS:
+        yield marker, pos, segment
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return
+        pos += 2 + length
+
+
+def _jpeg(data: bytes) -> ImageInfo:
+    size: tuple[int, int, int, int] | None = None
+    orientation = 1
+    scan = 2  # offset of the start-of-scan segment: entropy data and EOI lie beyond it
+    for marker, offset, segment in jpeg_segments(data):
+        scan = offset
+        if marker in SOF_MARKERS:
             bits, height, width, components = struct.unpack(">BHHB", segment[:6])
             size = (width, height, components, bits)
         elif marker == 0xE1 and segment.startswith(b"Exif\0\0"):
             orientation = _exif_orientation(segment[6:])
-        elif marker == 0xDA:  # start of scan: entropy-coded data follows
-            break
         elif marker == 0xD9:
             raise ProbeError(CORRUPT, "JPEG ends before any image data")
-        pos += 2 + length
     if size is None:
         raise ProbeError(CORRUPT, "JPEG has no frame header (SOF)")
-    if data.rfind(b"\xff\xd9", pos) < 0:
+    if data.rfind(b"\xff\xd9", scan) < 0:
         raise ProbeError(TRUNCATED, "JPEG has no end-of-image marker")
     width, height, components, bits = size
     if orientation in (5, 6, 7, 8):

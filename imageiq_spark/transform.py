@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from imageiq_spark.probe import SOF_MARKERS, ProbeError, jpeg_segments
+
 if TYPE_CHECKING:
     from imageiq_spark.config import Config
 
@@ -166,26 +168,13 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a JPEG's SOF header as stored (before orientation); None if not found."""
     if not data.startswith(b"\xff\xd8"):
         return None
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            if pos + 9 > end:
-                return None
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return height, width
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
+    try:
+        for marker, _offset, segment in jpeg_segments(data):
+            if marker in SOF_MARKERS and len(segment) >= 5:
+                height, width = struct.unpack(">HH", segment[1:5])
+                return height, width
+    except ProbeError:
+        pass
     return None
 
 
