@@ -3,6 +3,7 @@ every command and job, and the architecture picture is rendered from its source.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import subprocess
@@ -45,8 +46,22 @@ def test_reference_rows_carry_type_and_doc_comment():
     )
     assert rows["ingest.source"][:2] == ("a string or null", "null")
     assert rows["train.model"][0].startswith("one of 'small_cnn', 'mobilenet_v2'")
-    # A nested section without its own comment takes its parent field's comment.
-    assert rows["preprocess.split.val"][2] == docs.field_comments(type(Config().preprocess))["split"]
+    assert rows["preprocess.split.val"][2] == "Fraction used for early stopping and choosing the champion."
+
+
+@dataclasses.dataclass
+class _Inner:
+    depth: int = 1
+
+
+@dataclasses.dataclass
+class _Outer:
+    #: The section's own comment.
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_a_key_without_its_own_comment_takes_its_sections_comment():
+    assert list(docs.rows(_Outer)) == [("inner.depth", "an integer", "1", "The section's own comment.")]
 
 
 def test_check_flags_a_stale_manual_and_write_fixes_it(tmp_path):
