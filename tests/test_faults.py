@@ -69,9 +69,15 @@ def python_workers_running(proc: subprocess.Popen) -> bool:
     """The job is computing: its JVM has started Python workers (they live until the job ends)."""
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
-        return any("pyspark.daemon" in " ".join(c.cmdline()) for c in children)
     except psutil.Error:
         return False
+    for child in children:
+        try:
+            if "pyspark.daemon" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:  # a child that just ended (or a zombie) says nothing about the rest
+            continue
+    return False
 
 
 def run_cli(conf: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
