@@ -145,6 +145,27 @@ def table_exists(spark: SparkSession, config: Config, table: str) -> bool:
     return DeltaTable.isDeltaTable(spark, table_location(config, table))
 
 
+def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: str,
+          attempts: int = 5) -> int:
+    """`MERGE INTO table t USING rows s ON condition actions`; returns the rows inserted.
+
+    The rows go through a uniquely named temporary view of their own session (inside
+    foreachBatch that is a cloned session), and a commit that loses to a concurrent writer is
+    retried against the new table state.
+    """
+    view = f"imageiq_merge_{uuid.uuid4().hex}"
+    session = rows.sparkSession
+    rows.createOrReplaceTempView(view)
+    statement = (f"MERGE INTO delta.`{table_location(config, table)}` t USING {view} s "
+                 f"ON {condition} {actions}")
+    try:
+        metrics = with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
+                                      attempts)
+    finally:
+        session.catalog.dropTempView(view)
+    return int(metrics[0]["num_inserted_rows"]) if metrics else 0
+
+
 def merge_new_rows(
     config: Config,
     table: str,
@@ -154,24 +175,10 @@ def merge_new_rows(
 ) -> int:
     """Insert the rows whose keys the table lacks; returns how many were inserted.
 
-    An insert-only MERGE: a rerun or a concurrent run with the same rows inserts nothing, and a
-    conflicting commit is retried against the new table state.
+    An insert-only MERGE: a rerun or a concurrent run with the same rows inserts nothing.
     """
-    view = f"imageiq_merge_{uuid.uuid4().hex}"
-    # Inside foreachBatch the rows belong to a cloned session: the view and MERGE must use it.
-    session = rows.sparkSession
-    rows.createOrReplaceTempView(view)
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-    statement = (
-        f"MERGE INTO delta.`{table_location(config, table)}` t USING {view} s ON {condition} "
-        "WHEN NOT MATCHED THEN INSERT *"
-    )
-    try:
-        metrics = with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
-                                      attempts)
-    finally:
-        session.catalog.dropTempView(view)
-    return int(metrics[0]["num_inserted_rows"]) if metrics else 0
+    return merge(config, table, rows, condition, "WHEN NOT MATCHED THEN INSERT *", attempts)
 
 
 VIEWS = {

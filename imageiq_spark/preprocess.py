@@ -31,7 +31,6 @@ import logging
 import math
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -364,7 +363,6 @@ def update_vocabulary(spark: SparkSession, config: Config, labels: set[str], att
     The MERGE inserts a label only if neither it nor its index exists, so two concurrent runs can
     never give one index to two labels; the loser re-reads and tries again.
     """
-    location = lakehouse.table_location(config, LABELS_TABLE)
     current = read_label_vocabulary(spark, config)
     for _ in range(attempts):
         new = sorted(labels - set(current))
@@ -373,18 +371,11 @@ def update_vocabulary(spark: SparkSession, config: Config, labels: set[str], att
         rows = spark.createDataFrame(
             [(label, len(current) + i) for i, label in enumerate(new)], "label string, label_index int"
         ).withColumn("added_at", F.current_timestamp())
-        view = f"imageiq_labels_{uuid.uuid4().hex}"
-        rows.createOrReplaceTempView(view)
-        statement = (
-            f"MERGE INTO delta.`{location}` t USING {view} s "
-            "ON t.label = s.label OR t.label_index = s.label_index WHEN NOT MATCHED THEN INSERT *"
+        inserted = lakehouse.merge(
+            config, LABELS_TABLE, rows, "t.label = s.label OR t.label_index = s.label_index",
+            "WHEN NOT MATCHED THEN INSERT *",
         )
-        try:
-            metrics = lakehouse.with_conflict_retry(lambda s=statement: spark.sql(s).collect(),
-                                                    "merge labels")
-        finally:
-            spark.catalog.dropTempView(view)
-        if metrics and int(metrics[0]["num_inserted_rows"]) == len(new):
+        if inserted == len(new):
             return current + new
         # Another run added labels first: read what it wrote and append after it.
         current = read_label_vocabulary(spark, config)

@@ -118,15 +118,8 @@ def record_alias(spark: SparkSession, config: Config, name: str, alias: str, ver
     rows = spark.createDataFrame(
         [(name, alias, str(version))], "model_name string, alias string, model_version string"
     ).withColumn("updated_at", F.current_timestamp())
-    view = f"imageiq_alias_{os.getpid()}"
-    rows.createOrReplaceTempView(view)
-    statement = (
-        f"MERGE INTO delta.`{lakehouse.table_location(config, 'model_aliases')}` t USING {view} s "
-        "ON t.model_name = s.model_name AND t.alias = s.alias "
-        "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+    lakehouse.merge(
+        config, "model_aliases", rows, "t.model_name = s.model_name AND t.alias = s.alias",
+        "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
     )
-    try:
-        lakehouse.with_conflict_retry(lambda: spark.sql(statement).collect(), "merge model_aliases")
-    finally:
-        spark.catalog.dropTempView(view)
     lakehouse.register_tables(spark, config)
