@@ -105,13 +105,8 @@ def udf_only(spark: SparkSession, config: Config) -> None:
     """The transform inside Spark: Delta scan -> UDF -> rows discarded (no table writes)."""
     spec = TransformSpec.from_config(config)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.preprocess.batch_rows))
-    (
-        lakehouse.read_table(spark, config, "images")
-        .select("image_id", "path", "label", "size_bytes", "modified_at", "content")
-        .repartition(2 * spark.sparkContext.defaultParallelism)
-        .mapInPandas(preprocess.prepare_partition(spec), preprocess.UDF_SCHEMA)
-        .write.format("noop").mode("overwrite").save()
-    )
+    images = lakehouse.read_table(spark, config, "images")
+    preprocess.transform_images(images, spec, config).write.format("noop").mode("overwrite").save()
 
 
 def measure(spark: SparkSession, workdir: Path, count: int, stored: tuple[int, int],

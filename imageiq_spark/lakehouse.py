@@ -34,8 +34,8 @@ from imageiq_spark.session import storage_uri
 log = logging.getLogger(__name__)
 
 TABLES = (
-    "images", "quarantine", "prepared", "prepared_labels", "prepared_versions", "predictions",
-    "evaluations", "model_aliases",
+    "images", "quarantine", "prepared", "prepared_labels", "prepared_versions", "prepared_stats",
+    "predictions", "evaluations", "model_aliases",
 )
 CONFLICTS = (
     ConcurrentAppendException,

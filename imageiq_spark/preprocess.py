@@ -25,27 +25,28 @@ Each run also writes a PNG grid of random prepared images with their labels to
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
 import math
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from delta.tables import DeltaTable
-from pyspark import StorageLevel
+from pyspark import Accumulator, AccumulatorParam
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
     BinaryType,
-    DoubleType,
     IntegerType,
     LongType,
     StringType,
@@ -57,7 +58,9 @@ from pyspark.sql.types import (
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
-from imageiq_spark.transform import ImageDecodeError, TransformSpec, prepare_image
+from imageiq_spark.session import session_conf, spread
+from imageiq_spark.tensors import binary_from_tensors, binary_views, tensors_from_binary
+from imageiq_spark.transform import TransformSpec, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ PREPARED_SCHEMA = StructType(
     ]
 )
 PREPARED_KEYS = ["image_id", "preprocess_version"]
-LABELS_TABLE, VERSIONS_TABLE = "prepared_labels", "prepared_versions"
+LABELS_TABLE, VERSIONS_TABLE, STATS_TABLE = "prepared_labels", "prepared_versions", "prepared_stats"
 LABELS_SCHEMA = StructType(
     [
         StructField("label", StringType(), False),
@@ -88,36 +91,51 @@ VERSIONS_SCHEMA = StructType(
     [
         StructField("preprocess_version", StringType(), False),
         StructField("spec", StringType(), False),
-        StructField("channel_mean", ArrayType(DoubleType()), True),
-        StructField("channel_std", ArrayType(DoubleType()), True),
-        StructField("train_images", LongType(), False),
-        StructField("updated_at", TimestampType(), False),
+        StructField("created_at", TimestampType(), False),
     ]
 )
 #: What the UDF returns per image: the tensor, or why there is none.
-UDF_SCHEMA = StructType(
+OUTCOME_SCHEMA = StructType(
     [
         StructField("image_id", StringType(), False),
         StructField("path", StringType(), True),
         StructField("label", StringType(), True),
         StructField("size_bytes", LongType(), True),
         StructField("modified_at", TimestampType(), True),
+        StructField("split", StringType(), True),
         StructField("tensor", BinaryType(), True),
         StructField("reason", StringType(), True),
         StructField("detail", StringType(), True),
     ]
 )
-STATS_SCHEMA = StructType(
+#: Per run (rows sharing a `prepared_at`): exact integer sums of the train split's channels.
+RUN_STATS_SCHEMA = StructType(
     [
-        StructField("channel", IntegerType(), False),
-        StructField("total", LongType(), False),
-        StructField("total_sq", LongType(), False),
-        StructField("pixels", LongType(), False),
+        StructField("preprocess_version", StringType(), False),
+        StructField("prepared_at", TimestampType(), False),
+        StructField("train_images", LongType(), False),
+        StructField("channel_total", ArrayType(LongType()), False),
+        StructField("channel_total_sq", ArrayType(LongType()), False),
     ]
 )
-PREPROCESS_FAILED = "preprocess_failed"
+SUMS_SCHEMA = StructType(
+    [
+        StructField("prepared_at", TimestampType(), False),
+        StructField("channel", IntegerType(), False),
+        StructField("images", LongType(), False),
+        StructField("total", LongType(), False),
+        StructField("total_sq", LongType(), False),
+    ]
+)
 GRID_IMAGES = 16
 SPLITS = ("train", "val", "test")
+#: Up to this many image ids to prepare are broadcast to pick their rows out of `images`; more
+#: are joined by a shuffle (of the image bytes, so only for a large backlog).
+BROADCAST_IDS = 500_000
+#: Runs that lose a race to a concurrent run of the same version start over this many times.
+ATTEMPTS = 5
+#: userMetadata of an append to `prepared`: TAG_PREFIX + "<version>:<prepared_at ISO>#<run id>".
+TAG_PREFIX = "imageiq-preprocess:"
 
 
 @dataclass
@@ -151,40 +169,140 @@ class PreprocessSummary:
 # ------------------------------------------------------------------------------ pure functions
 
 
-def prepare_partition(spec: TransformSpec):
-    """A mapInPandas function: image rows -> UDF_SCHEMA rows, one per image, never raising."""
-    spec_dict = spec.to_dict()
+#: Columns that travel through the UDF unchanged: `images` columns plus the row's `split`.
+PASSED_COLUMNS = ("image_id", "path", "label", "size_bytes", "modified_at", "split")
+#: What a failure record holds: enough for its quarantine row.
+FAILURE_FIELDS = ("image_id", "path", "size_bytes", "modified_at", "reason", "detail")
+Failure = tuple[Any, ...]
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+
+@dataclass
+class RunReport:
+    """What a run's UDF saw, added up over its tasks through an accumulator.
+
+    It lets the stage write `prepared` straight from the UDF and still quarantine the failures,
+    store the train split's channel sums and draw the sample grid without reading the tensors
+    again. Updates come from result tasks only (the UDF runs in the write's final stage), so
+    Spark applies each partition's report once.
+    """
+
+    failures: list[Failure] = field(default_factory=list)
+    train_images: int = 0
+    channel_total: list[int] = field(default_factory=list)
+    channel_total_sq: list[int] = field(default_factory=list)
+    #: Up to GRID_IMAGES (random key, label, tensor bytes): the smallest keys are a uniform sample.
+    sample: list[tuple[float, str | None, bytes]] = field(default_factory=list)
+
+    def add(self, other: RunReport) -> RunReport:
+        self.failures.extend(other.failures)
+        self.train_images += other.train_images
+        self.channel_total = _add_lists(self.channel_total, other.channel_total)
+        self.channel_total_sq = _add_lists(self.channel_total_sq, other.channel_total_sq)
+        self.add_sample(other.sample)
+        return self
+
+    def add_sample(self, entries: list[tuple[float, str | None, bytes]]) -> None:
+        self.sample = sorted(self.sample + entries, key=lambda entry: entry[0])[:GRID_IMAGES]
+
+    def add_train(self, tensors: np.ndarray) -> None:
+        """Add the channel sums of [n, h, w, c] train tensors (exact integers).
+
+        OpenCV sums the batch as one tall image in float64: exact after rounding here (the error
+        stays far below 0.5) and ten times faster than numpy's integer reductions over
+        interleaved channels.
+        """
+        import cv2
+
+        n, height, width, channels = tensors.shape
+        if n == 0:
+            return
+        pixels = n * height * width
+        mean, std = (v.reshape(-1) for v in cv2.meanStdDev(tensors.reshape(-1, width, channels)))
+        totals = np.rint(mean * pixels).astype(np.int64).tolist()
+        squares = np.rint((std * std + mean * mean) * pixels).astype(np.int64).tolist()
+        self.train_images += n
+        self.channel_total = _add_lists(self.channel_total, totals)
+        self.channel_total_sq = _add_lists(self.channel_total_sq, squares)
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)] if a and b else list(a or b)
+
+
+class RunReportParam(AccumulatorParam):
+    def zero(self, value: RunReport) -> RunReport:
+        return RunReport()
+
+    def addInPlace(self, value1: RunReport, value2: RunReport) -> RunReport:
+        return value1.add(value2)
+
+
+@dataclass(frozen=True)
+class PrepareBatches:
+    """The `mapInArrow` function: image rows -> OUTCOME_SCHEMA rows, one per image, never raising.
+
+    Image bytes are read as views of the Arrow buffer and each batch's tensors leave as one
+    contiguous array wrapped as an Arrow binary column, so no image is copied into a Python
+    object on the way in or out (pandas conversion cost 10% more CPU per image on 500x375 JPEGs;
+    docs/benchmarks.md). With a `report` accumulator, each task also adds up its RunReport.
+    """
+
+    spec: TransformSpec
+    report: Accumulator[RunReport] | None = None
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import cv2
 
         # Spark already runs one task per core; OpenCV's own threads would only contend.
         cv2.setNumThreads(1)
-        worker_spec = TransformSpec.from_dict(spec_dict)
-        for batch in batches:
-            tensors: list[bytes | None] = []
-            reasons: list[str | None] = []
-            details: list[str | None] = []
-            for content in batch["content"]:
-                try:
-                    tensors.append(prepare_image(content, worker_spec).tobytes())
-                    reasons.append(None)
-                    details.append(None)
-                except ImageDecodeError as exc:
-                    tensors.append(None)
-                    reasons.append(exc.reason)
-                    details.append(exc.detail)
-                except Exception as exc:  # noqa: BLE001 - no single file may fail the job
-                    tensors.append(None)
-                    reasons.append(PREPROCESS_FAILED)
-                    details.append(f"{type(exc).__name__}: {exc}"[:500])
-            out = batch[["image_id", "path", "label", "size_bytes", "modified_at"]].reset_index(drop=True)
-            out["tensor"] = tensors
-            out["reason"] = reasons
-            out["detail"] = details
-            yield out
+        report = RunReport()
+        rng = np.random.default_rng()
+        # Arrow binary offsets are int32: a batch's tensors must stay under 2 GiB.
+        rows = max(1, (2**31 - 1) // math.prod(self.spec.shape))
+        for whole in batches:
+            for start in range(0, whole.num_rows, rows):
+                batch = whole.slice(start, rows)
+                tensors, failures = prepare_batch(binary_views(batch.column("content")), self.spec)
+                passed = batch.select(list(PASSED_COLUMNS))
+                ok = np.ones(batch.num_rows, bool)
+                ok[[index for index, _ in failures]] = False
+                good = passed.filter(pa.array(ok)) if failures else passed
+                if self.report is not None:
+                    _report_batch(report, good, tensors, rng)
+                if len(tensors):
+                    yield _outcome(good, binary_from_tensors(tensors))
+                if failures:
+                    failed = _outcome(
+                        passed.filter(pa.array(~ok)),
+                        pa.nulls(len(failures), pa.binary()),
+                        pa.array([error.reason for _, error in failures], pa.string()),
+                        pa.array([error.detail for _, error in failures], pa.string()),
+                    )
+                    report.failures += [tuple(r[k] for k in FAILURE_FIELDS) for r in failed.to_pylist()]
+                    yield failed
+        if self.report is not None:
+            self.report.add(report)
 
-    return run
+
+def _report_batch(report: RunReport, good: pa.RecordBatch, tensors: np.ndarray,
+                  rng: np.random.Generator) -> None:
+    train = np.asarray(good.column("split").to_numpy(zero_copy_only=False) == "train", bool)
+    report.add_train(tensors if train.all() else tensors[train])
+    keys = rng.random(len(tensors))
+    labels = good.column("label").to_pylist()
+    report.add_sample([(float(keys[i]), labels[i], tensors[i].tobytes())
+                       for i in np.argsort(keys)[:GRID_IMAGES]])
+
+
+def _outcome(passed: pa.RecordBatch, tensor: pa.Array, reason: pa.Array | None = None,
+             detail: pa.Array | None = None) -> pa.RecordBatch:
+    n = passed.num_rows
+    return pa.RecordBatch.from_arrays(
+        [*passed.columns, tensor,
+         reason if reason is not None else pa.nulls(n, pa.string()),
+         detail if detail is not None else pa.nulls(n, pa.string())],
+        names=[*PASSED_COLUMNS, "tensor", "reason", "detail"],
+    )
 
 
 def split_column(image_id: Column, train: float, val: float) -> Column:
@@ -194,16 +312,15 @@ def split_column(image_id: Column, train: float, val: float) -> Column:
     return F.when(u < train, "train").when(u < train + val, "val").otherwise("test")
 
 
-def prepared_rows(good: DataFrame, vocabulary: DataFrame, spec: TransformSpec, config: Config,
+def prepared_rows(good: DataFrame, vocabulary: DataFrame, spec: TransformSpec,
                   prepared_at: Column) -> DataFrame:
     """UDF rows that have a tensor -> PREPARED_SCHEMA rows."""
-    fractions = config.preprocess.split
     height, width, channels = spec.shape
     return good.join(F.broadcast(vocabulary.select("label", "label_index")), "label", "left").select(
         "image_id",
         "label",
         F.col("label_index").cast("int"),
-        split_column(F.col("image_id"), fractions.train, fractions.val).alias("split"),
+        "split",
         "tensor",
         F.lit(height).alias("height"),
         F.lit(width).alias("width"),
@@ -211,6 +328,16 @@ def prepared_rows(good: DataFrame, vocabulary: DataFrame, spec: TransformSpec, c
         F.lit(spec.version).alias("preprocess_version"),
         prepared_at.alias("prepared_at"),
     )
+
+
+def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
+                     report: Accumulator[RunReport] | None = None) -> DataFrame:
+    """`images` rows -> OUTCOME_SCHEMA rows (tensor or failure reason), spread over the cores."""
+    fractions = config.preprocess.split
+    rows = images.select(*PASSED_COLUMNS[:-1], "content").withColumn(
+        "split", split_column(F.col("image_id"), fractions.train, fractions.val)
+    )
+    return spread(rows).mapInArrow(PrepareBatches(spec, report), OUTCOME_SCHEMA)
 
 
 def quarantine_rows(bad: DataFrame, quarantined_at: Column) -> DataFrame:
@@ -226,26 +353,34 @@ def quarantine_rows(bad: DataFrame, quarantined_at: Column) -> DataFrame:
     )
 
 
-def channel_sums(channels: int):
-    """A mapInPandas function: tensors -> per-channel sums of values and squares (exact integers)."""
+@dataclass(frozen=True)
+class ChannelSums:
+    """The `mapInArrow` function: (prepared_at, tensor) train rows -> SUMS_SCHEMA rows per run.
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        total = np.zeros(channels, np.int64)
-        total_sq = np.zeros(channels, np.int64)
-        pixels = 0
+    The catch-up path for a run whose own report was lost (it crashed after its commit).
+    """
+
+    shape: tuple[int, int, int]
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        channels = self.shape[2]
         for batch in batches:
-            for tensor in batch["tensor"]:
-                values = np.frombuffer(tensor, np.uint8).reshape(-1, channels)
-                total += values.sum(axis=0, dtype=np.int64)
-                wide = values.astype(np.int64)
-                total_sq += (wide * wide).sum(axis=0)
-                pixels += values.shape[0]
-        yield pd.DataFrame(
-            {"channel": np.arange(channels), "total": total, "total_sq": total_sq,
-             "pixels": np.full(channels, pixels, np.int64)}
-        )
-
-    return run
+            runs = batch.column(0)
+            keys = np.asarray(runs.cast(pa.int64()))
+            tensors = tensors_from_binary(batch.column(1), self.shape)
+            for key in np.unique(keys):
+                sums = RunReport()
+                sums.add_train(tensors[keys == key])
+                yield pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(np.full(channels, key), runs.type),
+                        pa.array(np.arange(channels, dtype=np.int32)),
+                        pa.array(np.full(channels, sums.train_images, np.int64)),
+                        pa.array(sums.channel_total, pa.int64()),
+                        pa.array(sums.channel_total_sq, pa.int64()),
+                    ],
+                    names=SUMS_SCHEMA.fieldNames(),
+                )
 
 
 def grid_png(samples: list[tuple[np.ndarray, str | None]], title: str) -> bytes:
@@ -326,13 +461,30 @@ def read_channel_stats(spark: SparkSession, config: Config, version: str | None 
                        ) -> tuple[list[float], list[float]]:
     """(mean, std) per channel of the train split at `version`, on the 0..255 scale."""
     version = version or current_version(config)
-    row = _version_row(spark, config, version)
-    if row is None or row["channel_mean"] is None:
+    runs = _run_stats(spark, config, version)
+    images = sum(run["train_images"] for run in runs)
+    if not images:
         raise LookupError(
             f"no channel statistics for preprocess_version {version}: the train split at that "
             "version is empty or was never prepared; run `imageiq preprocess` with this config"
         )
-    return list(row["channel_mean"]), list(row["channel_std"])
+    spec = read_spec(spark, config, version)
+    pixels = images * spec.size[0] * spec.size[1]
+    total = np.sum([run["channel_total"] for run in runs], axis=0, dtype=object)
+    total_sq = np.sum([run["channel_total_sq"] for run in runs], axis=0, dtype=object)
+    mean = [int(t) / pixels for t in total]
+    std = [math.sqrt(max(0.0, int(t2) / pixels - m * m)) for t2, m in zip(total_sq, mean)]
+    return mean, std
+
+
+def _run_stats(spark: SparkSession, config: Config, version: str) -> list[Any]:
+    if not lakehouse.table_exists(spark, config, STATS_TABLE):
+        return []
+    return (
+        lakehouse.read_table(spark, config, STATS_TABLE)
+        .filter(F.col("preprocess_version") == version)
+        .collect()
+    )
 
 
 def read_spec(spark: SparkSession, config: Config, version: str) -> TransformSpec:
@@ -382,62 +534,69 @@ def update_vocabulary(spark: SparkSession, config: Config, labels: set[str], att
     raise RuntimeError(f"could not add labels {sorted(labels)} to {LABELS_TABLE} after {attempts} attempts")
 
 
-def update_channel_stats(
-    spark: SparkSession, config: Config, spec: TransformSpec
-) -> tuple[list[float], list[float]] | None:
-    """Recompute the train split's per-channel mean and std at the spec's version and store them."""
-    train = read_prepared(spark, config, spec.version, ["train"]).select("tensor")
+def store_run_stats(spark: SparkSession, config: Config, spec: TransformSpec,
+                    runs: dict[datetime.datetime, RunReport]) -> None:
+    """One `prepared_stats` row per run: its train images and channel sums (insert-only)."""
+    zeros = [0] * spec.channels
+    rows = spark.createDataFrame(
+        [(spec.version, at, r.train_images, r.channel_total or zeros, r.channel_total_sq or zeros)
+         for at, r in runs.items()],
+        RUN_STATS_SCHEMA,
+    )
+    lakehouse.merge_new_rows(config, STATS_TABLE, rows, ["preprocess_version", "prepared_at"])
+
+
+def catch_up_run_stats(spark: SparkSession, config: Config, spec: TransformSpec) -> int:
+    """Sum the train split of runs at the spec's version that have no `prepared_stats` row.
+
+    A run stores its own sums from its report; only one that crashed between its commit and
+    that store is missing. The runs are found in the table's commit history (each append names
+    its version and `prepared_at` in userMetadata), and only their files are read (data
+    skipping on `prepared_at`). Returns the runs caught up.
+    """
+    prefix = f"{TAG_PREFIX}{spec.version}:"
+    history = DeltaTable.forPath(spark, lakehouse.table_location(config, "prepared")).history()
+    committed = {
+        datetime.datetime.fromisoformat(row["userMetadata"][len(prefix):].split("#")[0])
+        for row in history.filter(F.col("userMetadata").startswith(prefix)).select("userMetadata").collect()
+    }
+    missing = sorted(committed - {run["prepared_at"] for run in _run_stats(spark, config, spec.version)})
+    if not missing:
+        return 0
     sums = (
-        train.mapInPandas(channel_sums(spec.channels), STATS_SCHEMA)
-        .groupBy("channel")
-        .agg(F.sum("total").alias("total"), F.sum("total_sq").alias("total_sq"),
-             F.sum("pixels").alias("pixels"))
-        .orderBy("channel")
-        .collect()
-    )
-    pixels = sums[0]["pixels"] if sums else 0
-    stats: tuple[list[float], list[float]] | None = None
-    if pixels:
-        mean = [row["total"] / pixels for row in sums]
-        std = [math.sqrt(max(0.0, row["total_sq"] / pixels - m * m)) for row, m in zip(sums, mean)]
-        stats = (mean, std)
-    images = pixels // (spec.size[0] * spec.size[1])
-    row = spark.createDataFrame(
-        [(spec.version, spec.to_json(), stats[0] if stats else None, stats[1] if stats else None, images)],
-        "preprocess_version string, spec string, channel_mean array<double>, "
-        "channel_std array<double>, train_images long",
-    ).withColumn("updated_at", F.current_timestamp())
-    target = DeltaTable.forPath(spark, lakehouse.table_location(config, VERSIONS_TABLE))
-
-    def upsert() -> None:
-        (
-            target.alias("t")
-            .merge(row.alias("s"), "t.preprocess_version = s.preprocess_version")
-            .whenMatchedUpdateAll()
-            .whenNotMatchedInsertAll()
-            .execute()
-        )
-
-    lakehouse.with_conflict_retry(upsert, f"merge {VERSIONS_TABLE}")
-    return stats
-
-
-def write_grid(spark: SparkSession, config: Config, spec: TransformSpec) -> str | None:
-    """PNG grid of random prepared images at the spec's version; returns its URI."""
-    # orderBy(rand) + limit runs as a per-partition top-k, not a full sort of the tensors.
-    rows = (
         read_prepared(spark, config, spec.version)
-        .select("label", "tensor", "height", "width", "channels")
-        .orderBy(F.rand())
-        .limit(GRID_IMAGES)
+        .filter((F.col("split") == "train") & F.col("prepared_at").isin(missing))
+        .select("prepared_at", "tensor")
+        .mapInArrow(ChannelSums(spec.shape), SUMS_SCHEMA)
+        .groupBy("prepared_at", "channel")
+        .agg(F.sum("images").alias("images"), F.sum("total").alias("total"),
+             F.sum("total_sq").alias("total_sq"))
         .collect()
     )
-    if not rows:
+    runs = {at: RunReport(channel_total=[0] * spec.channels, channel_total_sq=[0] * spec.channels)
+            for at in missing}
+    for row in sums:
+        run = runs[row["prepared_at"]]
+        run.train_images = row["images"]
+        run.channel_total[row["channel"]] = row["total"]
+        run.channel_total_sq[row["channel"]] = row["total_sq"]
+    store_run_stats(spark, config, spec, runs)
+    return len(missing)
+
+
+def store_version(spark: SparkSession, config: Config, spec: TransformSpec) -> None:
+    """The version's TransformSpec, once (insert-only), so a model can be traced to it."""
+    row = spark.createDataFrame([(spec.version, spec.to_json())], "preprocess_version string, spec string")
+    lakehouse.merge_new_rows(config, VERSIONS_TABLE, row.withColumn("created_at", F.current_timestamp()),
+                             ["preprocess_version"])
+
+
+def write_grid(config: Config, spec: TransformSpec,
+               sample: list[tuple[float, str | None, bytes]]) -> str | None:
+    """PNG grid of the run's random sample of prepared images; returns its URI."""
+    if not sample:
         return None
-    samples = [
-        (np.frombuffer(r["tensor"], np.uint8).reshape(r["height"], r["width"], r["channels"]), r["label"])
-        for r in rows
-    ]
+    samples = [(np.frombuffer(tensor, np.uint8).reshape(spec.shape), label) for _, label, tensor in sample]
     uri = lakehouse.lake_path(config, "reports", "preprocess", f"samples_{spec.version}.png")
     picture = grid_png(samples, f"preprocess_version {spec.version}: {spec.resize}, "
                                 f"{spec.size[0]}x{spec.size[1]} {spec.color}")
@@ -455,6 +614,7 @@ def ensure_tables(spark: SparkSession, config: Config) -> None:
     lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
     lakehouse.ensure_table(spark, config, LABELS_TABLE, LABELS_SCHEMA)
     lakehouse.ensure_table(spark, config, VERSIONS_TABLE, VERSIONS_SCHEMA)
+    lakehouse.ensure_table(spark, config, STATS_TABLE, RUN_STATS_SCHEMA)
 
 
 def _count_table(
@@ -470,8 +630,101 @@ def _count_table(
     return dict(splits), classes
 
 
+def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
+                   prepared_version: int) -> tuple[DataFrame, int]:
+    """Rows of `images` not prepared at the spec's version (as of the table's `prepared_version`)
+    and not quarantined by this stage, and how many there are.
+
+    The anti-joins run on ids only; the image bytes are then picked out without a shuffle.
+    """
+    images = lakehouse.read_table(spark, config, "images")
+    done = (
+        spark.read.format("delta").option("versionAsOf", prepared_version)
+        .load(lakehouse.table_location(config, "prepared"))
+        .filter(F.col("preprocess_version") == spec.version)
+        .select("image_id")
+    )
+    # An image this stage already quarantined is not decoded again on every run; delete its
+    # quarantine row to retry it.
+    failed = (
+        lakehouse.read_table(spark, config, "quarantine")
+        .filter(F.col("stage") == "preprocess")
+        .select("image_id")
+    )
+    pending = (
+        images.select("image_id").join(done, "image_id", "left_anti").join(failed, "image_id", "left_anti")
+    )
+    count = pending.count()
+    if count == 0 or count == images.count():
+        return images, count
+    ids = F.broadcast(pending) if count <= BROADCAST_IDS else pending
+    return images.join(ids, "image_id", "left_semi"), count
+
+
+def latest_version(spark: SparkSession, config: Config, table: str) -> int:
+    return DeltaTable.forPath(spark, lakehouse.table_location(config, table)).history(1).first()["version"]
+
+
+def committed_rows(spark: SparkSession, config: Config, table: str, tag: str) -> int | None:
+    """Rows written by the commit tagged `tag` (userMetadata); None if there is no such commit."""
+    history = DeltaTable.forPath(spark, lakehouse.table_location(config, table)).history(50)
+    found = history.filter(F.col("userMetadata") == tag).select("operationMetrics").collect()
+    return int(found[0][0].get("numOutputRows", 0)) if found else None
+
+
+def quarantine_failures(spark: SparkSession, config: Config, failures: list[Failure],
+                        quarantined_at: datetime.datetime) -> Counter[str]:
+    """Write the UDF's failure records to `quarantine` (once per image); returns reasons counted."""
+    unique = list({record[0]: record for record in failures}.values())
+    if unique:
+        rows = spark.createDataFrame(unique, StructType([OUTCOME_SCHEMA[name] for name in FAILURE_FIELDS]))
+        lakehouse.merge_new_rows(config, "quarantine",
+                                 quarantine_rows(rows, F.lit(quarantined_at)), QUARANTINE_KEYS)
+    return Counter(record[FAILURE_FIELDS.index("reason")] for record in unique)
+
+
+def append_prepared(
+    spark: SparkSession,
+    config: Config,
+    spec: TransformSpec,
+    todo: DataFrame,
+    report: Accumulator[RunReport],
+    start_version: int,
+    prepared_at: datetime.datetime,
+    tag: str,
+) -> int | None:
+    """Transform `todo` and append the tensors to `prepared` in one pass; returns the rows
+    written, or None when Delta skipped the append because another run moved on from
+    `start_version` first. What the UDF saw lands in the `report` accumulator."""
+    labels = {r["label"] for r in todo.select("label").distinct().collect() if r["label"] is not None}
+    update_vocabulary(spark, config, labels)
+    outcome = transform_images(todo, spec, config, report)
+    rows = prepared_rows(outcome.filter(F.col("reason").isNull()),
+                         lakehouse.read_table(spark, config, LABELS_TABLE), spec, F.lit(prepared_at))
+    settings = {
+        # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.preprocess.batch_rows),
+        "spark.sql.parquet.compression.codec": config.preprocess.compression,
+    }
+    with session_conf(spark, settings):
+        (rows.write.format("delta").mode("append")
+         .option("txnAppId", f"imageiq-preprocess-{spec.version}")
+         .option("txnVersion", start_version)
+         .option("userMetadata", tag)
+         .save(lakehouse.table_location(config, "prepared")))
+    return committed_rows(spark, config, "prepared", tag)
+
+
 def run(spark: SparkSession, config: Config) -> PreprocessSummary:
-    """Prepare every image of `images` not yet in `prepared` at the current preprocess_version."""
+    """Prepare every image of `images` not yet in `prepared` at the current preprocess_version.
+
+    One pass: the UDF's tensors go straight into an append to `prepared`, and a RunReport
+    accumulator brings back its failures (quarantined), the train split's channel sums and a
+    random sample for the grid. The append is idempotent: Delta `txnAppId` per preprocess
+    version, `txnVersion` = the `prepared` table version the run started from, so a run that
+    started from a state another run has moved on from writes nothing and starts over, and
+    concurrent runs and reruns add each image exactly once.
+    """
     if not lakehouse.table_exists(spark, config, "images"):
         raise RuntimeError(
             f"table images does not exist under storage.root '{config.storage.root}': "
@@ -481,61 +734,39 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     spec = TransformSpec.from_config(config)
     summary = PreprocessSummary(version=spec.version)
     ensure_tables(spark, config)
-
-    done = read_prepared(spark, config, spec.version).select("image_id")
-    # An image this stage already quarantined is not decoded again on every run; delete its
-    # quarantine row to retry it.
-    failed = (
-        lakehouse.read_table(spark, config, "quarantine")
-        .filter(F.col("stage") == "preprocess")
-        .select("image_id")
-    )
-    todo = (
-        lakehouse.read_table(spark, config, "images")
-        .join(done, "image_id", "left_anti")
-        .join(failed, "image_id", "left_anti")
-    )
-    # No count first (a whole extra scan): a fixed spread over the cores, rebalanced round-robin
-    # because the images table may hold everything in one file.
-    partitions = 2 * spark.sparkContext.defaultParallelism
-    batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    previous = spark.conf.get(batch_key, None)
-    # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
-    spark.conf.set(batch_key, str(config.preprocess.batch_rows))
-    outcome = (
-        todo.select("image_id", "path", "label", "size_bytes", "modified_at", "content")
-        .repartition(partitions)
-        .mapInPandas(prepare_partition(spec), UDF_SCHEMA)
-        .persist(StorageLevel.DISK_ONLY)
-    )
-    try:
-        counts = {r["reason"]: r["n"] for r in outcome.groupBy("reason").count()
-                  .withColumnRenamed("count", "n").collect()}
-        good_count = counts.pop(None, 0)
-        summary.quarantined.update(counts)
-        now = F.current_timestamp()
-        if counts:
-            lakehouse.merge_new_rows(config, "quarantine",
-                                     quarantine_rows(outcome.filter(F.col("reason").isNotNull()), now),
-                                     QUARANTINE_KEYS)
-        if good_count:
-            good = outcome.filter(F.col("reason").isNull())
-            labels = {r["label"] for r in good.select("label").distinct().collect()
-                      if r["label"] is not None}
-            update_vocabulary(spark, config, labels)
-            vocabulary = lakehouse.read_table(spark, config, LABELS_TABLE)
-            summary.prepared = lakehouse.merge_new_rows(
-                config, "prepared", prepared_rows(good, vocabulary, spec, config, now), PREPARED_KEYS
-            )
-    finally:
-        outcome.unpersist()
-        if previous is None:
-            spark.conf.unset(batch_key)
+    # One timestamp names this run's rows, and its statistics row.
+    prepared_at = datetime.datetime.now()
+    tag = f"{TAG_PREFIX}{spec.version}:{prepared_at.isoformat()}#{uuid.uuid4().hex}"
+    report = RunReport()
+    for attempt in range(1, ATTEMPTS + 1):
+        start_version = latest_version(spark, config, "prepared")
+        todo, pending = pending_images(spark, config, spec, start_version)
+        if not pending:
+            break
+        log.info("preprocess: %d images to prepare at version %s", pending, spec.version)
+        accumulator = spark.sparkContext.accumulator(RunReport(), RunReportParam())
+        try:
+            written = append_prepared(spark, config, spec, todo, accumulator, start_version, prepared_at, tag)
+        except lakehouse.CONFLICTS as exc:
+            written, lost = None, type(exc).__name__
         else:
-            spark.conf.set(batch_key, previous)
-    if summary.prepared or _version_row(spark, config, spec.version) is None:
-        update_channel_stats(spark, config, spec)
-        summary.grid = write_grid(spark, config, spec)
+            lost = "it prepared these images first"
+        if written is None:
+            log.warning("preprocess: a concurrent run committed first (%s); attempt %d of %d",
+                        lost, attempt, ATTEMPTS)
+            continue
+        summary.prepared, report = written, accumulator.value
+        summary.quarantined.update(quarantine_failures(spark, config, report.failures, prepared_at))
+        break
+    else:
+        raise RuntimeError(f"preprocess: {ATTEMPTS} attempts lost to concurrent runs of version "
+                           f"{spec.version}; run it again")
+    if _version_row(spark, config, spec.version) is None:
+        store_version(spark, config, spec)
+    if summary.prepared:
+        store_run_stats(spark, config, spec, {prepared_at: report})
+        summary.grid = write_grid(config, spec, report.sample)
+    catch_up_run_stats(spark, config, spec)
     summary.split_counts, summary.class_counts = _count_table(spark, config, spec.version)
     summary.elapsed_s = time.monotonic() - started
     return summary

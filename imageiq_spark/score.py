@@ -51,6 +51,8 @@ from pyspark.sql.types import (
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
+from imageiq_spark.session import spread
+from imageiq_spark.tensors import binary_views, tensors_from_binary
 
 log = logging.getLogger(__name__)
 
@@ -180,25 +182,6 @@ def cached_model(loader: ModelLoader, threads: int) -> Predictor:
         return model
 
 
-def tensors_from_binary(column: pa.Array, shape: tuple[int, int, int]) -> np.ndarray:
-    """A binary column of same-size uint8 tensors as one [n, h, w, c] array, without copying."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    n = len(column)
-    size = int(np.prod(shape))
-    if column.null_count:
-        raise ValueError("tensor column holds nulls; every prepared row must have a tensor")
-    _, offsets_buffer, data = column.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int32)[column.offset: column.offset + n + 1]
-    if n and not np.all(np.diff(offsets) == size):
-        raise ValueError(
-            f"tensors must all be {size} bytes (shape {list(shape)}); prepare the images with "
-            "the model's preprocessing version"
-        )
-    flat = np.frombuffer(data, np.uint8)[offsets[0]: offsets[0] + n * size] if n else np.zeros(0, np.uint8)
-    return flat.reshape(n, *shape)
-
-
 def predictions_batch(
     image_ids: pa.Array, probs: np.ndarray, labels: list[str], top_k: int
 ) -> pa.RecordBatch:
@@ -265,7 +248,7 @@ class ScoreBatches:
                 probs = model.predict_tensors(tensors_from_binary(batch.column(1), self.tensor_shape))
                 yield predictions_batch(ids, probs, model.labels, self.top_k)
                 continue
-            tensors, failures = prepare_batch(batch.column(1).to_pylist(), model.spec)
+            tensors, failures = prepare_batch(binary_views(batch.column(1)), model.spec)
             probs = model.predict_tensors(tensors)
             if not failures:
                 yield predictions_batch(ids, probs, model.labels, self.top_k)
@@ -286,20 +269,11 @@ def task_threads(spark: SparkSession) -> int:
     return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))
 
 
-def spread(df: DataFrame, spark: SparkSession) -> DataFrame:
-    """Balanced work for every core. A small table is one or a few files of uneven size (a
-    512-row table written as two files held nearly every row in one, and one core did all the
-    inference at half the machine's speed), so under two partitions per core the rows are dealt
-    round-robin; a large table's many files already spread."""
-    target = 2 * spark.sparkContext.defaultParallelism
-    return df.repartition(target) if df.rdd.getNumPartitions() < target else df
-
-
 def score_contents(df: DataFrame, loader: ModelLoader, top_k: int) -> DataFrame:
     """(image_id, content) rows -> SCORED_SCHEMA rows: decode, preprocess and predict in one pass."""
     spark = df.sparkSession
     scorer = ScoreBatches(loader, top_k, task_threads(spark))
-    return spread(df.select("image_id", "content"), spark).mapInArrow(scorer, SCORED_SCHEMA)
+    return spread(df.select("image_id", "content")).mapInArrow(scorer, SCORED_SCHEMA)
 
 
 def score_tensors(
@@ -308,7 +282,7 @@ def score_tensors(
     """(image_id, tensor) rows of prepared uint8 tensors -> SCORED_SCHEMA rows."""
     spark = df.sparkSession
     scorer = ScoreBatches(loader, top_k, task_threads(spark), tuple(shape))
-    return spread(df.select("image_id", "tensor"), spark).mapInArrow(scorer, SCORED_SCHEMA)
+    return spread(df.select("image_id", "tensor")).mapInArrow(scorer, SCORED_SCHEMA)
 
 
 def unscored(images: DataFrame, predictions: DataFrame | None, name: str, version: str) -> DataFrame:

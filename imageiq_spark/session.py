@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark import SparkConf
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from imageiq_spark.config import Config
 
@@ -145,3 +146,28 @@ def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+@contextmanager
+def session_conf(spark: SparkSession, settings: Mapping[str, str]) -> Iterator[None]:
+    """Set SQL settings for the duration of a block, then put back what was there."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def spread(df: DataFrame) -> DataFrame:
+    """Balanced work for every core. A small table is one or a few files of uneven size (a
+    512-row table written as two files held nearly every row in one, and one core did all the
+    work at half the machine's speed), so under two partitions per core the rows are dealt
+    round-robin; a large table's many files already spread, and are not shuffled."""
+    target = 2 * df.sparkSession.sparkContext.defaultParallelism
+    return df.repartition(target) if df.rdd.getNumPartitions() < target else df

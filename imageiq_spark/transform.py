@@ -50,6 +50,8 @@ ENHANCE_PARAMS = {
     "gamma": ("gamma",),
 }
 DECODE_FAILED, EMPTY, UNSUPPORTED = "decode_failed", "empty", "unsupported"
+#: Any other error of the transform on one image (a bug or a library failure on odd input).
+TRANSFORM_FAILED = "transform_failed"
 
 
 class ImageDecodeError(ValueError):
@@ -208,6 +210,16 @@ _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 
 
 def decode(data: bytes | memoryview | np.ndarray, spec: TransformSpec) -> np.ndarray:
     """Bytes -> upright uint8 image, RGB (H, W, 3) or gray (H, W, 1) per `spec.color`."""
+    return _final_layout(*_decode_upright(data, spec), spec.color)
+
+
+def _decode_upright(data: bytes | memoryview | np.ndarray, spec: TransformSpec) -> tuple[np.ndarray, str]:
+    """Bytes -> (upright uint8 image, its channel order): one channel if gray, else 3 in that order.
+
+    Only what must happen at full size is done here (alpha, 16-bit, reducing to gray); expanding
+    gray to RGB and swapping BGR to RGB wait until after the resize, where they touch fewer pixels
+    and give the same result (resizing treats channels independently).
+    """
     raw = bytes(data) if isinstance(data, memoryview) else data
     if raw is None or len(raw) == 0:
         raise ImageDecodeError(EMPTY, "no bytes to decode")
@@ -229,7 +241,7 @@ def decode(data: bytes | memoryview | np.ndarray, spec: TransformSpec) -> np.nda
     if image is None:
         raise ImageDecodeError(DECODE_FAILED, f"OpenCV could not decode {len(buf)} bytes "
                                               f"starting {head[:8].hex()}")
-    return _to_layout(_to_uint8(image), order, spec.color)
+    return _reduce_layout(_to_uint8(image), order, spec.color), order
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:
@@ -311,19 +323,16 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     raise ImageDecodeError(UNSUPPORTED, f"sample type {image.dtype} is not supported")
 
 
-def _to_layout(image: np.ndarray, order: str, color: str) -> np.ndarray:
-    """Any channel layout -> RGB (H, W, 3) or gray (H, W, 1)."""
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
+def _reduce_layout(image: np.ndarray, order: str, color: str) -> np.ndarray:
+    """Any channel layout -> gray (H, W, 1) or three channels in `order` (alpha composited)."""
     if image.ndim == 2:
-        gray = image
-        if color == "gray":
-            return gray[:, :, None]
-        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+        return image[:, :, None]
     channels = image.shape[2]
+    if channels == 1:
+        return image
     if channels == 2:  # gray + alpha
-        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR if order == "bgr" else cv2.COLOR_GRAY2RGB)
-        image = np.dstack([image, image[:, :, :1] * 0 + 255])
+        gray = image[:, :, :1]
+        image = np.concatenate([gray, gray, gray, image[:, :, 1:2]], axis=2)
         channels = 4
     if channels == 4:
         image = _composite_on_white(image)
@@ -332,7 +341,16 @@ def _to_layout(image: np.ndarray, order: str, color: str) -> np.ndarray:
     if color == "gray":
         code = cv2.COLOR_BGR2GRAY if order == "bgr" else cv2.COLOR_RGB2GRAY
         return cv2.cvtColor(image, code)[:, :, None]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if order == "bgr" else image
+    return image
+
+
+def _final_layout(image: np.ndarray, order: str, color: str) -> np.ndarray:
+    """A reduced layout -> RGB (H, W, 3) or gray (H, W, 1) per `color`."""
+    if color == "gray" or (image.shape[2] == 3 and order == "rgb"):
+        return image
+    if image.shape[2] == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _composite_on_white(image: np.ndarray) -> np.ndarray:
@@ -445,17 +463,21 @@ def prepare_image(data: bytes | memoryview | np.ndarray, spec: TransformSpec) ->
     Raises ImageDecodeError for bytes that are not a decodable image.
     """
     try:
-        image = decode(data, spec)
+        image, order = _decode_upright(data, spec)
     except cv2.error as exc:
         raise ImageDecodeError(DECODE_FAILED, f"OpenCV: {str(exc).strip()[:200]}") from exc
-    out = enhance(resize(image, spec), spec)
+    out = enhance(_final_layout(resize(image, spec), order, spec.color), spec)
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
 def prepare_batch(
     contents: Sequence[bytes | memoryview | np.ndarray], spec: TransformSpec
 ) -> tuple[np.ndarray, list[tuple[int, ImageDecodeError]]]:
-    """Prepare many images: (good tensors stacked (N, H, W, C) uint8, [(index, error) of failures])."""
+    """Prepare many images: (good tensors stacked (N, H, W, C) uint8, [(index, error) of failures]).
+
+    Never raises for one image: an unexpected error becomes a `transform_failed` failure, so no
+    single input can fail a batch.
+    """
     out = np.empty((len(contents), *spec.shape), np.uint8)
     failures: list[tuple[int, ImageDecodeError]] = []
     n = 0
@@ -465,4 +487,6 @@ def prepare_batch(
             n += 1
         except ImageDecodeError as exc:
             failures.append((index, exc))
+        except Exception as exc:  # noqa: BLE001 - quarantined with its message, the batch goes on
+            failures.append((index, ImageDecodeError(TRANSFORM_FAILED, f"{type(exc).__name__}: {exc}"[:500])))
     return out[:n], failures

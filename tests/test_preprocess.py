@@ -210,3 +210,75 @@ def test_a_png_grid_of_prepared_images_is_written(history: History):
     grid = cv2.imread(str(path))
     assert grid is not None and grid.shape[0] > 100 and grid.shape[1] > 100
     assert grid.std() > 10  # pictures, not a blank canvas
+
+
+def test_tensors_are_stored_with_the_configured_parquet_codec(history: History):
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(history.config.storage.root) / "warehouse").glob("*.db/prepared/*.parquet"))
+    assert files
+    codecs = {pq.ParquetFile(f).metadata.row_group(0).column(4).compression for f in files}
+    assert codecs == {"UNCOMPRESSED"}  # preprocess.compression defaults to none
+
+
+def test_the_udf_reports_failures_train_sums_and_a_sample_without_spark():
+    import pyarrow as pa
+
+    spec = TransformSpec(size=(8, 8))
+    digits, _ = load_digits()
+    good = [images.gray_png(digits[i]) for i in range(3)]
+    batch = pa.RecordBatch.from_pylist(
+        [
+            {"image_id": f"id{i}", "path": f"file:/{i}.png", "label": "d", "size_bytes": len(data),
+             "modified_at": None, "split": split, "content": data}
+            for i, (data, split) in enumerate(zip([*good, b"junk"], ["train", "val", "train", "train"]))
+        ]
+    )
+    report = preprocess.RunReport()
+
+    class Local:  # stands in for the accumulator: the same add() a worker calls
+        def add(self, value):
+            report.add(value)
+
+    out = pa.Table.from_batches(list(preprocess.PrepareBatches(spec, Local())(iter([batch]))))
+    assert out.column("image_id").to_pylist() == ["id0", "id1", "id2", "id3"]
+    assert out.column("reason").to_pylist() == [None, None, None, "decode_failed"]
+    assert out.column("tensor")[0].as_py() == prepare_image(good[0], spec).tobytes()
+    assert [f[0] for f in report.failures] == ["id3"]
+    train = np.stack([prepare_image(good[i], spec) for i in (0, 2)]).reshape(-1, 3).astype(np.int64)
+    assert report.train_images == 2
+    assert report.channel_total == train.sum(axis=0).tolist()
+    assert report.channel_total_sq == (train * train).sum(axis=0).tolist()
+    assert sorted(label for _, label, _ in report.sample) == ["d", "d", "d"]
+
+
+def test_channel_stats_lost_in_a_crash_are_caught_up_by_the_next_run(spark, tmp_path):
+    config = make_config(tmp_path, preprocess={"size": [8, 8]})
+    digits, digit_labels = load_digits()
+    add_images(spark, config, [(f"file:/d/{i}.png", images.gray_png(digits[i]), str(digit_labels[i]))
+                               for i in range(30)])
+    preprocess.run(spark, config)
+    version = TransformSpec.from_config(config).version
+    before = preprocess.read_channel_stats(spark, config, version)
+    # A crash between the commit of the tensors and the store of their statistics:
+    spark.sql(f"DELETE FROM delta.`{lakehouse.table_location(config, 'prepared_stats')}`")
+    with pytest.raises(LookupError, match="no channel statistics"):
+        preprocess.read_channel_stats(spark, config, version)
+    rerun = preprocess.run(spark, config)
+    assert rerun.prepared == 0
+    assert preprocess.read_channel_stats(spark, config, version) == before
+
+
+def test_concurrent_runs_prepare_each_image_exactly_once(spark, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = make_config(tmp_path, preprocess={"size": [8, 8]})
+    digits, digit_labels = load_digits()
+    ids = add_images(spark, config, [(f"file:/d/{i}.png", images.gray_png(digits[i]),
+                                      str(digit_labels[i])) for i in range(40)])
+    with ThreadPoolExecutor(2) as pool:
+        summaries = list(pool.map(lambda _: preprocess.run(spark, config), range(2)))
+    rows = preprocess.read_prepared(spark, config).groupBy("image_id").count().collect()
+    assert sorted(r["image_id"] for r in rows) == sorted(ids)
+    assert {r["count"] for r in rows} == {1}
+    assert sum(s.prepared for s in summaries) == len(ids)

@@ -295,18 +295,6 @@ def test_worker_cache_serves_a_new_key_with_a_new_model(tmp_path):
     assert loads == ["k1", "k2"]
 
 
-def test_tensors_are_read_from_arrow_without_a_copy():
-    import pyarrow as pa
-
-    x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    column = pa.array([x[0].tobytes(), x[1].tobytes()], pa.binary())
-    got = score.tensors_from_binary(column, (4, 4, 3))
-    np.testing.assert_array_equal(got, x)
-    np.testing.assert_array_equal(score.tensors_from_binary(column.slice(1), (4, 4, 3)), x[1:])
-    with pytest.raises(ValueError, match="must all be 48 bytes"):
-        score.tensors_from_binary(pa.array([b"\x00" * 47], pa.binary()), (4, 4, 3))
-
-
 def test_scoring_without_images_names_the_missing_table(spark, config):
     register(spark, config, seed=1)
     with pytest.raises(RuntimeError, match="table 'images' does not exist"):
