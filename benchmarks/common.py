@@ -49,3 +49,32 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process's living descendants: the Spark JVM
+    (`java`) and every Python process (Spark's Python workers, multiprocessing pool workers)."""
+    import psutil
+
+    totals = {"jvm": 0.0, "python": 0.0}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            kind = "jvm" if proc.name() == "java" else "python" if "python" in proc.name() else None
+            if kind:
+                times = proc.cpu_times()
+                totals[kind] += times.user + times.system
+        except psutil.Error:
+            continue
+    return totals
+
+
+def cpu_used(action: Callable[[], Any], into: list[dict[str, float]]) -> Callable[[], None]:
+    """`action`, recording the CPU seconds each call costs the JVM and the Python processes."""
+
+    def measured() -> None:
+        before = process_cpu()
+        action()
+        after = process_cpu()
+        into.append({kind: after[kind] - before[kind] for kind in after})
+
+    return measured
