@@ -39,7 +39,7 @@ def test_spec_round_trips_through_a_json_safe_dict():
 
 def test_version_is_stable_across_processes_and_names_every_parameter():
     # Pinned: the default spec's hash must not drift, or every table would be re-prepared.
-    assert TransformSpec().version == "2c30c8597dee"
+    assert TransformSpec().version == "6d6207988774"
     base = TransformSpec(enhance=("clahe", "denoise", "unsharp", "white_balance", "gamma"),
                          resize="letterbox")
     changes = {"size": (33, 32), "color": "gray", "resize": "stretch", "enhance": ("gamma",),
@@ -100,6 +100,30 @@ def test_upscaling_a_digit_keeps_its_grey_levels():
     out = prepare_image(images.gray_png(digit), TransformSpec(size=(56, 56), color="gray"))
     assert out.shape == (56, 56, 1)
     assert out[:, :, 0].max() == 255 and out[:6].max() == 0 and (out[12:44, 26:30] == 255).all()
+
+
+
+def plain_area_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The textbook path the transform must match: full decode, OpenCV's exact INTER_AREA, RGB."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(cv2.resize(image, size[::-1], interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+@pytest.mark.parametrize(
+    ("stored", "size"),
+    [((250, 300), (224, 224)), ((375, 500), (224, 224)), ((750, 1000), (224, 224)),
+     ((480, 640), (32, 32)), ((375, 500), (160, 200))],
+)
+def test_shrinking_stays_within_a_grey_level_of_exact_area_averaging(stored, size):
+    data = images.png(images.camera_scene(*stored))
+    out = prepare_image(data, TransformSpec(size=size))
+    exact = plain_area_resize(data, size)
+    assert out.shape == (*size, 3)
+    assert mean_abs_diff(out, exact) < 1.0
+    # The check can fail: plain bilinear sampling (no area averaging) is further off.
+    bilinear = cv2.cvtColor(cv2.resize(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                       size[::-1], interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+    assert mean_abs_diff(bilinear, exact) > mean_abs_diff(out, exact)
 
 
 # ------------------------------------------------------------------------------ colour layouts
@@ -259,6 +283,8 @@ def test_reduced_jpeg_decode_stays_within_two_grey_levels_of_the_full_decode():
     full = prepare_image(data, dataclasses.replace(spec, reduced_decode=False))
     assert reduced.shape == full.shape == (224, 224, 3)
     assert mean_abs_diff(reduced, full) < 2.0
+    # ... and of the plain loop's full decode with OpenCV's exact area averaging.
+    assert mean_abs_diff(reduced, plain_area_resize(data, (224, 224))) < 2.0
 
 
 # ---------------------------------------------------------------------------------- failures
