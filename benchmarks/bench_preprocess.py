@@ -25,7 +25,7 @@ from benchmarks.common import bench_config, cpu_used, median, table, timed
 from imageiq_spark import ingest, lakehouse, preprocess
 from imageiq_spark.config import Config
 from imageiq_spark.sample_data import load_digits
-from imageiq_spark.session import get_spark
+from imageiq_spark.session import get_spark, session_conf
 from imageiq_spark.transform import TransformSpec, jpeg_size, reduction_factor
 
 REPEATS = 3
@@ -105,15 +105,17 @@ def load_images(spark: SparkSession, config: Config, contents: list[bytes], firs
                  len(d), None, d, now)
                 for i, d in enumerate(contents[start:start + chunk], start=first + start)]
         frame = spark.createDataFrame(rows, ingest.IMAGES_SCHEMA)
-        frame.write.format("delta").mode("append").save(lakehouse.table_location(config, "images"))
+        # Row groups as ingest writes them.
+        with session_conf(spark, lakehouse.ROW_GROUP_SETTINGS):
+            frame.write.format("delta").mode("append").save(lakehouse.table_location(config, "images"))
 
 
 def udf_only(spark: SparkSession, config: Config) -> None:
     """The transform inside Spark: Delta scan -> UDF -> rows discarded (no table writes)."""
     spec = TransformSpec.from_config(config)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.preprocess.batch_rows))
     images = lakehouse.read_table(spark, config, "images")
-    preprocess.transform_images(images, spec, config).write.format("noop").mode("overwrite").save()
+    with session_conf(spark, preprocess.transform_settings(config)):
+        preprocess.transform_images(images, spec, config).write.format("noop").mode("overwrite").save()
 
 
 def measure(spark: SparkSession, workdir: Path, count: int, stored: tuple[int, int],

@@ -35,7 +35,7 @@ from pyspark.sql.types import (
 from imageiq_spark import faults, lakehouse
 from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.probe import EMPTY, TOO_LARGE, ProbeError, probe
-from imageiq_spark.session import storage_uri
+from imageiq_spark.session import session_conf, storage_uri
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +381,12 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
                 rejected = rejected.unionByName(empty_file_rows(files.sparkSession, empties, ingested_at))
             if counts:
                 lakehouse.merge_new_rows(config, "quarantine", rejected, QUARANTINE_KEYS)
-            inserted = (
-                lakehouse.merge_new_rows(config, "images", image_rows(probed, ingested_at), ["image_id"])
-                if good
-                else 0
-            )
+            with session_conf(files.sparkSession, lakehouse.ROW_GROUP_SETTINGS):
+                inserted = (
+                    lakehouse.merge_new_rows(config, "images", image_rows(probed, ingested_at), ["image_id"])
+                    if good
+                    else 0
+                )
         finally:
             probed.unpersist()
         summary.files_seen += good + sum(counts.values())

@@ -339,6 +339,19 @@ def prepared_rows(good: DataFrame, vocabulary: DataFrame, spec: TransformSpec,
     )
 
 
+def transform_settings(config: Config) -> dict[str, str]:
+    """Session settings for a job that runs `transform_images`, while it runs."""
+    return {
+        # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.preprocess.batch_rows),
+        # Scan tasks of at most 32 MB of image bytes (four row groups, lakehouse.ROW_GROUP_SETTINGS),
+        # so no core idles at the end: at Spark's own split size a 3-file table of 500x375 JPEGs
+        # ran as 3 tasks on 2 cores, and 626 MB of camera photos as 5. Smaller tasks cost more
+        # Python CPU per image (16 MB: +20% on 500x375 JPEGs).
+        "spark.sql.files.maxPartitionBytes": str(32 << 20),
+    }
+
+
 def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
                      report: Accumulator[RunReport] | None = None) -> DataFrame:
     """`images` rows -> OUTCOME_SCHEMA rows (tensor or failure reason), spread over the cores."""
@@ -346,7 +359,10 @@ def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
     rows = images.select(*PASSED_COLUMNS[:-1], "content").withColumn(
         "split", split_column(F.col("image_id"), fractions.train, fractions.val)
     )
-    return spread(rows).mapInArrow(PrepareBatches(spec, report), OUTCOME_SCHEMA)
+    # Run under `transform_settings`, the scan of `images` (small row groups) already splits into
+    # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
+    # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
+    return spread(rows, per_core=1).mapInArrow(PrepareBatches(spec, report), OUTCOME_SCHEMA)
 
 
 def quarantine_rows(bad: DataFrame, quarantined_at: Column) -> DataFrame:
@@ -711,9 +727,9 @@ def append_prepared(
     rows = prepared_rows(outcome.filter(F.col("reason").isNull()),
                          lakehouse.read_table(spark, config, LABELS_TABLE), spec, F.lit(prepared_at))
     settings = {
-        # Rows per Arrow batch bound a Python worker's memory: batch_rows images in, tensors out.
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.preprocess.batch_rows),
+        **transform_settings(config),
         "spark.sql.parquet.compression.codec": config.preprocess.compression,
+        **lakehouse.ROW_GROUP_SETTINGS,
     }
     with session_conf(spark, settings):
         (rows.write.format("delta").mode("append")

@@ -164,10 +164,10 @@ def session_conf(spark: SparkSession, settings: Mapping[str, str]) -> Iterator[N
                 spark.conf.set(key, value)
 
 
-def spread(df: DataFrame) -> DataFrame:
+def spread(df: DataFrame, per_core: int = 2) -> DataFrame:
     """Balanced work for every core. A small table is one or a few files of uneven size (a
     512-row table written as two files held nearly every row in one, and one core did all the
-    work at half the machine's speed), so under two partitions per core the rows are dealt
+    work at half the machine's speed), so under `per_core` partitions per core the rows are dealt
     round-robin; a large table's many files already spread, and are not shuffled."""
-    target = 2 * df.sparkSession.sparkContext.defaultParallelism
+    target = per_core * df.sparkSession.sparkContext.defaultParallelism
     return df.repartition(target) if df.rdd.getNumPartitions() < target else df

@@ -216,8 +216,10 @@ def test_tensors_are_stored_with_the_configured_parquet_codec(history: History):
     import pyarrow.parquet as pq
 
     files = sorted((Path(history.config.storage.root) / "warehouse").glob("*.db/prepared/*.parquet"))
-    assert files
-    codecs = {pq.ParquetFile(f).metadata.row_group(0).column(4).compression for f in files}
+    # A write task whose images all failed leaves a file without row groups (Spark keeps one).
+    metadata = [m for m in (pq.ParquetFile(f).metadata for f in files) if m.num_row_groups]
+    assert metadata
+    codecs = {m.row_group(0).column(4).compression for m in metadata}
     assert codecs == {"UNCOMPRESSED"}  # preprocess.compression defaults to none
 
 
