@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import json  # noqa: E402
+import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,6 +39,8 @@ from mlflow.types.schema import (  # noqa: E402
 )
 
 from imageiq_spark import transform  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 META_FILE = "classifier.json"
@@ -112,7 +115,8 @@ class ImageClassifier:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save(directory / MODEL_FILE)
-        meta = {"labels": self.labels, "transform": self.spec.to_dict()}
+        meta = {"labels": self.labels, "transform": self.spec.to_dict(),
+                "transform_revision": transform.ALGORITHM_REVISION}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -121,6 +125,12 @@ class ImageClassifier:
         directory = Path(directory)
         meta = json.loads((directory / META_FILE).read_text())
         model = keras.models.load_model(directory / MODEL_FILE, compile=False)
+        revision = meta.get("transform_revision", 1)
+        if revision != transform.ALGORITHM_REVISION:
+            log.warning(
+                "model at %s was trained on tensors of transform revision %d; this code prepares "
+                "revision %d (docs/user_manual.md, upgrading): its pixels differ slightly; retrain "
+                "to remove the skew", directory, revision, transform.ALGORITHM_REVISION)
         return cls(model, meta["labels"], transform.TransformSpec.from_dict(meta["transform"]))
 
 

@@ -299,3 +299,23 @@ def test_scoring_without_images_names_the_missing_table(spark, config):
     register(spark, config, seed=1)
     with pytest.raises(RuntimeError, match="table 'images' does not exist"):
         score.run(spark, config)
+
+
+def test_a_model_from_an_older_transform_revision_loads_with_a_warning(tmp_path, caplog):
+    import json
+
+    from imageiq_spark import transform
+
+    model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (0.0,) * 3, (1.0,) * 3))
+    saved = ImageClassifier(model, LABELS, TransformSpec(size=(32, 32))).save(tmp_path / "m")
+    meta_file = saved / "classifier.json"
+    assert json.loads(meta_file.read_text())["transform_revision"] == transform.ALGORITHM_REVISION
+    ImageClassifier.load(saved)
+    assert "transform revision" not in caplog.text
+    # A model saved before the revision was recorded was made with revision 1.
+    meta = json.loads(meta_file.read_text())
+    del meta["transform_revision"]
+    meta_file.write_text(json.dumps(meta))
+    loaded = ImageClassifier.load(saved)
+    assert loaded.labels == LABELS
+    assert f"transform revision 1; this code prepares revision {transform.ALGORITHM_REVISION}" in caplog.text
