@@ -50,6 +50,8 @@ T = TypeVar("T")
 #: split: a table of three files then ran as three tasks on two cores. Parquet measures a row
 #: group's size every 100 rows at first, 130 MB of camera photos; from 4 rows on it keeps the size.
 ROW_GROUP_SETTINGS = {"parquet.block.size": str(8 << 20), "parquet.page.size.row.check.min": "4"}
+#: How long a table creation that found the folder taken waits for the other creator's commit.
+CREATE_RACE_WAIT_S = 10.0
 
 
 def table_location(config: Config, table: str) -> str:
@@ -110,9 +112,13 @@ def ensure_table(
         try:
             create()
         except AnalysisException:
-            # A concurrent job created the folder between our check and our commit.
-            if not DeltaTable.isDeltaTable(spark, table_location(config, table)):
-                raise
+            # A concurrent job created the folder between our check and our commit; its first
+            # commit may still be on its way (the folder exists, its log does not yet).
+            deadline = time.monotonic() + CREATE_RACE_WAIT_S
+            while not DeltaTable.isDeltaTable(spark, table_location(config, table)):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
             register_table(spark, config, table)
 
     with_conflict_retry(create_tolerating_race, f"create {table}")
