@@ -12,7 +12,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install jars jars-s3 test test-all demo bench lint wheel pack clean
+.PHONY: install jars jars-s3 browser test test-all demo bench lint wheel pack clean podman-tools image-base image test-image
 
 install: $(VENV)/.installed
 jars: jars/delta/.done
@@ -30,22 +30,28 @@ jars/delta/.done:
 	for a in $(DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/delta || exit 1; done
 	touch $@
 
+# Headless Debian chromium and its driver for the upload page's browser test (tests/test_serve.py).
+browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
 jars/s3/.done:
 	mkdir -p jars/s3
 	for a in $(S3_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/s3 || exit 1; done
 	touch $@
 
-test: install jars jars-s3
+test: install jars jars-s3 browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow" --timeout=900 --durations=25
 
-test-all: install jars jars-s3
+test-all: install jars jars-s3 browser
 	$(BIN)/pytest --timeout=1800
 
 demo: install jars
 	$(BIN)/imageiq sample-data $(SAMPLE)
 	$(BIN)/imageiq --set ingest.source=$(SAMPLE) run-all
 	$(BIN)/imageiq sql "SELECT label, count(*) AS n FROM imageiq.images GROUP BY label ORDER BY label" --format csv
+	$(BIN)/imageiq sql "SELECT count(*) AS near_duplicate_pairs FROM imageiq.near_duplicates"
 	$(BIN)/imageiq sql "SELECT model_version, round(value, 4) AS test_accuracy FROM imageiq.evaluations \
 	  WHERE split = 'test' AND metric = 'accuracy' AND class IS NULL ORDER BY model_version"
 	$(BIN)/imageiq sql "SELECT predicted_label, count(*) AS images, round(avg(confidence), 3) AS mean_confidence \
@@ -73,6 +79,34 @@ pack: wheel
 	$(BIN)/venv-pack -q --prefix $(PACK_VENV) --output dist/imageiq-env.tar.gz \
 		$(if $(PACK_PYTHON_PREFIX),--python-prefix $(PACK_PYTHON_PREFIX))
 	chmod 644 dist/imageiq-env.tar.gz
+
+# The container image (Containerfile), built with podman from a base made locally by debootstrap:
+# no registry is needed. deploy/container/ holds the podman settings that work on these machines.
+IMAGE ?= localhost/imageiq:0.1.0
+BASE_IMAGE ?= localhost/imageiq-base:bookworm
+BASE_PACKAGES := python3,python3-venv,openjdk-17-jre-headless,tini,ca-certificates,procps
+PODMAN := CONTAINERS_CONF=$(abspath deploy/container/containers.conf) \
+	CONTAINERS_STORAGE_CONF=$(abspath deploy/container/storage.conf) podman
+podman-tools:
+	command -v podman && command -v runc && command -v debootstrap || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah runc debootstrap)
+
+image-base: podman-tools
+	$(PODMAN) image exists $(BASE_IMAGE) || ( rm -rf build/rootfs && mkdir -p build && \
+	  debootstrap --variant=minbase --include=$(BASE_PACKAGES) bookworm $(abspath build/rootfs) \
+	    http://deb.debian.org/debian && \
+	  tar -C build/rootfs -c . | $(PODMAN) import - $(BASE_IMAGE) && rm -rf build/rootfs )
+
+# A TLS-intercepting proxy's CA bundle (PIP_CERT on the host) is lent to pip during the build only.
+image: jars jars-s3 image-base
+	$(PODMAN) build --network host --build-arg BASE=$(BASE_IMAGE) \
+	  $(if $(PIP_CERT),-v $(PIP_CERT):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) \
+	  -f Containerfile -t $(IMAGE) .
+
+test-image: install image
+	IMAGEIQ_IMAGE=$(IMAGE) CONTAINERS_CONF=$(abspath deploy/container/containers.conf) \
+	  CONTAINERS_STORAGE_CONF=$(abspath deploy/container/storage.conf) \
+	  $(BIN)/pytest -m slow tests/test_image.py --timeout=1800
 
 clean:
 	rm -rf lake data build dist *.egg-info .pytest_cache

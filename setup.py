@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["imageiq_spark", "imageiq_spark.*"]),
-    package_data={"imageiq_spark": ["py.typed"]},
+    package_data={"imageiq_spark": ["py.typed", "static/*.html"]},
     install_requires=requirements,
     entry_points={"console_scripts": ["imageiq=imageiq_spark.cli:main"]},
 )

@@ -11,13 +11,14 @@ import importlib
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ("ingest", "preprocess", "train", "score", "memory")
+ORDER = ("ingest", "preprocess", "train", "score", "serve", "duplicates", "monitor", "memory")
 HEADER = """# Benchmarks
 
 Produced by `make bench` (`python -m benchmarks.run [NAME...]`), each stage side by side with its
@@ -48,12 +49,21 @@ def main(names: list[str]) -> int:
         started = time.monotonic()
         module = importlib.import_module(f"benchmarks.bench_{name}")
         body = module.run(workdir / name)
-        stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+        stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} on "
                  f"{os.cpu_count()} cores, Python {platform.python_version()}, "
                  f"{time.monotonic() - started:.0f} s._\n")
         done[name] = body.strip() + "\n" + stamp
         write(done)
     return 0
+
+
+def commit() -> str:
+    """The commit measured, `+dirty` when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
 def write(done: dict[str, str]) -> None:

@@ -24,7 +24,10 @@ from imageiq_spark.config import Config, ConfigError, load_config
 
 log = logging.getLogger("imageiq_spark")
 
-STAGES = ("ingest", "preprocess", "train", "evaluate", "score")
+#: `run-all`, in order: duplicates before preprocess, so near-duplicates get one split.
+STAGES = ("ingest", "duplicates", "preprocess", "train", "evaluate", "score")
+#: Exit code of `monitor --fail-on-alert` (and jobs/nightly_score.py) when drift raised an alert.
+ALERT_EXIT_CODE = 3
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-class", type=int, default=None,
                         help="at most this many images per label (default: all 5,000 digits)")
     for name, text in (("ingest", "new images -> table images; unreadable ones -> quarantine"),
-                       ("run-all", "ingest, preprocess, train, evaluate, score")):
+                       ("run-all", "ingest, duplicates, preprocess, train, evaluate, score")):
         sub = command(name, text)
         sub.add_argument("--source", metavar="URI", help="overrides ingest.source")
     command("preprocess", "images -> prepared")
@@ -64,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, text)
         sub.add_argument("--model", metavar="URI",
                          help="MLflow model URI (default models:/<mlflow.registered_model>@champion)")
+    embed = command("embed", "images without an embedding from that model version -> embeddings")
+    embed.add_argument("--model", metavar="URI",
+                       help="MLflow model URI (default models:/<mlflow.registered_model>@champion)")
+    command("duplicates", "exact / perceptual-hash / embedding near-duplicates -> near_duplicates")
+    similar = command("similar", "nearest images to a file or an image_id, and a contact sheet PNG")
+    similar.add_argument("image", metavar="IMAGE", help="a file path or URI, or an image_id")
+    similar.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
+    command("status", "latest run of each stage, and what is pending")
+    monitor = command("monitor", "profiles and drift of images and predictions per window -> "
+                      "monitor_profiles, monitor_drift; breaches -> alerts")
+    monitor.add_argument("--fail-on-alert", action="store_true",
+                         help=f"exit {ALERT_EXIT_CODE} when the newest window breaches a threshold")
+    serve = command("serve", "HTTP recognition of single images: /predict, the Open Inference "
+                    "Protocol v2, an upload page at /, /metrics")
+    serve.add_argument("--model", metavar="URI",
+                       help="MLflow model URI (default models:/<mlflow.registered_model>@champion, "
+                       "followed when the alias moves)")
+    serve.add_argument("--host", help="address to listen on (overrides serve.host)")
+    serve.add_argument("--port", type=int, help="TCP port (overrides serve.port)")
     sql = command("sql", "run Spark SQL against the project's catalog and print the rows")
     sql.add_argument("query", metavar="QUERY")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -110,6 +132,12 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
         print(f"wrote {sum(counts.values())} images in {len(counts)} labels to {args.dest}")
         return 0
 
+    if args.command == "serve":  # no Spark: the server holds only the model
+        from imageiq_spark import serve
+
+        serve.run(config, args.model, args.host, args.port)
+        return 0
+
     from imageiq_spark import lakehouse
     from imageiq_spark.session import get_spark
 
@@ -118,6 +146,20 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     if args.command == "sql":
         print_rows(spark.sql(args.query), args.format)
         return 0
+    if args.command == "similar":
+        from imageiq_spark.similar import print_similar
+
+        print_similar(spark, config, args.image, args.k)
+        return 0
+    if args.command == "status":
+        from imageiq_spark.runs import status
+
+        for line in status(spark, config).lines():
+            print(line)
+        return 0
+    if args.command == "monitor":
+        summary = run_stage(spark, config, "monitor")
+        return ALERT_EXIT_CODE if args.fail_on_alert and summary.latest_alerts() else 0
     stages = STAGES if args.command == "run-all" else (args.command,)
     for stage in stages:
         options = {"model_uri": args.model} if getattr(args, "model", None) else {}
@@ -126,11 +168,13 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def run_stage(spark: Any, config: Config, stage: str, **options: Any) -> Any:
-    """Run one stage's `run(spark, config)` and print its summary to standard output."""
+    """Run one stage's `run(spark, config)`, record it in `job_runs`, print its summary to stdout."""
+    from imageiq_spark.runs import record_run
+
     module = importlib.import_module(f"imageiq_spark.{stage}")
     log.info("%s: starting", stage)
     started = time.monotonic()
-    summary = module.run(spark, config, **options)
+    summary = record_run(spark, config, stage, lambda: module.run(spark, config, **options))
     log.info("%s: done in %.1f s", stage, time.monotonic() - started)
     print(f"== {stage}")
     for line in summary.lines():

@@ -190,6 +190,88 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    #: Address `imageiq serve` listens on (`0.0.0.0` in a container); `--host` overrides it.
+    host: str = "127.0.0.1"
+    #: TCP port of `imageiq serve`; `--port` overrides it.
+    port: int = 8080
+    #: Most images in one forward pass of the micro-batcher.
+    max_batch_size: int = 32
+    #: Longest a forward pass waits for requests still being decoded, in milliseconds; a request
+    #: that arrives alone never waits.
+    max_wait_ms: float = 5.0
+    #: Most images in one multipart or v2 infer request.
+    max_images_per_request: int = 64
+    #: Seconds between registry checks of the alias being served (a new version is loaded, then
+    #: switched to); 0 never checks. A `models:/<name>/<version>` URI is never rechecked.
+    alias_poll_s: float = 30.0
+    #: Append every online prediction to Parquet files under `<storage.root>/request_log/`.
+    request_log: bool = False
+    #: Seconds between writes of the request log (also written every 1,000 rows and at shutdown).
+    request_log_flush_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ThresholdsConfig:
+    """Drift above a threshold raises an alert; null profiles the metric without alerting on it."""
+
+    #: Population stability index of the predicted-label mix against the baseline's.
+    label_psi: float | None = 0.25
+    #: Jensen-Shannon distance (base 2, 0..1) of the predicted-label mix against the baseline's.
+    label_js: float | None = 0.2
+    #: Kolmogorov-Smirnov statistic of the confidence distribution against the baseline's.
+    confidence_ks: float | None = 0.25
+    #: Wasserstein distance of the confidence distribution against the baseline's.
+    confidence_wasserstein: float | None = 0.1
+    #: Kolmogorov-Smirnov statistic of image widths against the training images'.
+    width_ks: float | None = 0.3
+    #: Kolmogorov-Smirnov statistic of image heights against the training images'.
+    height_ks: float | None = 0.3
+    #: Kolmogorov-Smirnov statistic of mean brightness (grey level) against the training images'.
+    brightness_ks: float | None = 0.3
+    #: Kolmogorov-Smirnov statistic of contrast (grey-level deviation over mean) against training's.
+    contrast_ks: float | None = 0.3
+    #: Kolmogorov-Smirnov statistic of sharpness (Laplacian over image variance) against training's.
+    sharpness_ks: float | None = 0.3
+    #: Population stability index of the file-format mix against the training images'.
+    format_psi: float | None = 0.25
+    #: Share of the window's files that ingest quarantined.
+    quarantine_rate: float | None = 0.05
+    #: Validation accuracy minus the window's accuracy, on images whose labels are known.
+    accuracy_drop: float | None = 0.1
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    #: Length of a monitoring window: `day` or `hour` (of the prediction's scored_at).
+    window: Literal["day", "hour"] = "day"
+    #: Only windows that started at most this many days ago are recomputed.
+    lookback_days: int = 30
+    #: Windows with fewer predictions than this are profiled but raise no alert (too few to judge).
+    min_rows: int = 50
+    #: A breach over this many times its threshold is `critical`, under it `warning`.
+    critical_factor: float = 2.0
+    #: Prometheus text file (node-exporter textfile collector) with the latest window's values;
+    #: empty means `<storage.root>/monitor/imageiq.prom` when storage.root is a local path.
+    textfile: str = ""
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    #: Perceptual hashes (DCT, 64 bits) at most this many bits apart are near-duplicates (`phash`
+    #: tier). Resized, JPEG-60 and 2.5%-per-side cropped copies of photos measured 0-8 bits; unrelated
+    #: photos 20+. Higher finds more but makes the banded join slower (k+1 shorter bands).
+    max_distance: int = 8
+    #: Images with a side shorter than this (pixels) get no `phash` pairs: a 64-bit hash cannot tell
+    #: a thumbnail's twin from a look-alike (on the 28x28 sample digits, 8 bits linked 4,193 of the
+    #: 5,000 distinct digits into clusters, the largest of 3,971). The other tiers still apply.
+    min_side: int = 64
+    #: Embeddings whose cosine similarity is at least this are near-duplicates (`embedding` tier).
+    min_similarity: float = 0.97
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     #: Tracking store; empty means SQLite under storage.root.
     tracking_uri: str = ""
@@ -208,7 +290,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     #: Passed verbatim to the Spark session builder; what spark-submit or the platform sets wins.
     spark_conf: dict[str, str] = field(default_factory=dict)
 
@@ -450,6 +535,31 @@ def _validate(config: Any, prefix: str) -> None:
             _require(0.0 <= value < 1.0, prefix + name, "a number in [0, 1)", value)
     elif isinstance(config, DistributedConfig):
         _require(config.workers >= 1, prefix + "workers", "an integer >= 1", config.workers)
+    elif isinstance(config, MonitorConfig):
+        for name in ("lookback_days", "min_rows"):
+            value = getattr(config, name)
+            _require(value > 0, prefix + name, "a positive integer", value)
+        _require(config.critical_factor >= 1.0, prefix + "critical_factor", "a number >= 1",
+                 config.critical_factor)
+    elif isinstance(config, ThresholdsConfig):
+        for name, value in dataclasses.asdict(config).items():
+            _require(value is None or value >= 0, prefix + name, "a number >= 0 or null", value)
+    elif isinstance(config, ServeConfig):
+        _require(0 <= config.port <= 65535, prefix + "port", "a TCP port 0..65535", config.port)
+        for name in ("max_batch_size", "max_images_per_request"):
+            value = getattr(config, name)
+            _require(value >= 1, prefix + name, "an integer >= 1", value)
+        for name in ("max_wait_ms", "alias_poll_s"):
+            value = getattr(config, name)
+            _require(value >= 0, prefix + name, "a number >= 0", value)
+        _require(config.request_log_flush_s > 0, prefix + "request_log_flush_s", "a positive number",
+                 config.request_log_flush_s)
+    elif isinstance(config, DuplicatesConfig):
+        _require(0 <= config.max_distance <= 31, prefix + "max_distance", "an integer 0..31",
+                 config.max_distance)
+        _require(config.min_side >= 1, prefix + "min_side", "a positive integer", config.min_side)
+        _require(-1.0 <= config.min_similarity <= 1.0, prefix + "min_similarity",
+                 "a number between -1 and 1", config.min_similarity)
     elif isinstance(config, ScoreConfig):
         _require(config.top_k >= 1, prefix + "top_k", "an integer >= 1", config.top_k)
         _require(config.batch_size >= 1, prefix + "batch_size", "an integer >= 1", config.batch_size)

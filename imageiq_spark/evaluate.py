@@ -23,6 +23,8 @@ from pyspark.sql.types import DoubleType, StringType, StructField, StructType, T
 
 from imageiq_spark import lakehouse, metrics
 from imageiq_spark.config import Config
+from imageiq_spark.runs import RunCounts
+from imageiq_spark.splits import Leakage, leakage
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,12 @@ class EvaluateSummary:
     report_uri: str = ""
     elapsed_s: float = 0.0
     pictures: dict[str, bytes] = field(default_factory=dict)
+    #: Images of the split with a near-duplicate in train (None without `imageiq duplicates`).
+    leakage: Leakage | None = None
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=(self.report.count if self.report else 0) + self.skipped,
+                         model_name=self.model_name, model_version=self.model_version)
 
     def lines(self) -> list[str]:
         r = self.report
@@ -68,6 +76,9 @@ class EvaluateSummary:
             ]
         if self.skipped:
             lines.append(f"skipped:      {self.skipped} images whose label the model does not know")
+        if self.leakage is not None and self.split != "train":
+            lines.append(f"leakage:      {self.leakage.stored} {self.split} images have a near-duplicate in "
+                         f"train ({self.leakage.old_rule} had each image been split alone)")
         lines += [f"report:       {self.report_uri}", f"elapsed:      {self.elapsed_s:.1f} s"]
         return lines
 
@@ -185,6 +196,8 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
     rows = read_prepared(spark, config, version=classifier.spec.version, splits=[split])
     ids, y_true, probs = predict_split(rows, classifier)
     summary.skipped = rows.count() - len(ids)
+    every_split = read_prepared(spark, config, version=classifier.spec.version)
+    summary.leakage = leakage(spark, config, every_split.select("image_id", "split"), split)
     if not ids:
         raise RuntimeError(
             f"split '{split}' of prepared holds no images at the model's preprocess_version "

@@ -35,6 +35,7 @@ from pyspark.sql.types import (
 from imageiq_spark import faults, lakehouse
 from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.probe import EMPTY, TOO_LARGE, ProbeError, probe
+from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import session_conf, storage_uri
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class IngestSummary:
     duplicates: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=self.files_seen, written=self.new_images,
+                         quarantined=sum(self.quarantined.values()))
 
     def lines(self) -> list[str]:
         rate = self.files_seen / self.elapsed_s if self.elapsed_s else 0.0

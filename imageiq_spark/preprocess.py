@@ -24,9 +24,11 @@ What travels with the table, in small Delta tables beside it (same database fold
   adds them up to the mean and std on the 0..255 scale. A run that crashed after its commit is
   caught up by the next one from the table's commit history.
 
-`split` comes from a SHA-256 of the `image_id` mapped to [0, 1) and cut at the configured
-fractions. It is written once per row and never moves: changing `preprocess.split` affects only
-images prepared afterwards, so an image once used for training never lands in the test split.
+`split` is decided once per image and stored in `image_splits` (`splits.assign`: first assignment
+wins, near-duplicate clusters share one split, otherwise a SHA-256 of the `image_id` mapped to
+[0, 1) and cut at the configured fractions). Every preprocess version reads it back: changing
+`preprocess.split` affects only images never prepared before, so an image once used for training
+never lands in the test split, and twins found by `imageiq duplicates` never straddle splits.
 
 Each run that prepares images also writes a PNG grid of a random sample of them with their labels
 to `<storage.root>/reports/preprocess/samples_<version>.png` (and logs it to an active MLflow run).
@@ -67,6 +69,7 @@ from pyspark.sql.types import (
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
+from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import session_conf, spread
 from imageiq_spark.tensors import binary_from_tensors, binary_views, tensors_from_binary
 from imageiq_spark.transform import TransformSpec, prepare_batch
@@ -156,6 +159,10 @@ class PreprocessSummary:
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     grid: str | None = None
     elapsed_s: float = 0.0
+
+    def counts(self) -> RunCounts:
+        quarantined = sum(self.quarantined.values())
+        return RunCounts(read=self.prepared + quarantined, written=self.prepared, quarantined=quarantined)
 
     def lines(self) -> list[str]:
         rate = self.prepared / self.elapsed_s if self.elapsed_s else 0.0
@@ -353,12 +360,19 @@ def transform_settings(config: Config) -> dict[str, str]:
 
 
 def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
-                     report: Accumulator[RunReport] | None = None) -> DataFrame:
-    """`images` rows -> OUTCOME_SCHEMA rows (tensor or failure reason), spread over the cores."""
+                     report: Accumulator[RunReport] | None = None,
+                     splits: DataFrame | None = None) -> DataFrame:
+    """`images` rows -> OUTCOME_SCHEMA rows (tensor or failure reason), spread over the cores.
+
+    Each row's split comes from `splits` (image_id, split: the stored ones, `splits.assign`), or
+    without it from the hash of its image_id at the configured fractions."""
     fractions = config.preprocess.split
-    rows = images.select(*PASSED_COLUMNS[:-1], "content").withColumn(
-        "split", split_column(F.col("image_id"), fractions.train, fractions.val)
-    )
+    rows = images.select(*PASSED_COLUMNS[:-1], "content")
+    if splits is None:
+        rows = rows.withColumn("split", split_column(F.col("image_id"), fractions.train, fractions.val))
+    else:
+        # Ids and splits only (about 80 bytes an image): a shuffle join would move the image bytes.
+        rows = rows.join(F.broadcast(splits), "image_id")
     # Run under `transform_settings`, the scan of `images` (small row groups) already splits into
     # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
     # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
@@ -721,9 +735,12 @@ def append_prepared(
     """Transform `todo` and append the tensors to `prepared` in one pass; returns the rows
     written, or None when Delta skipped the append because another run moved on from
     `start_version` first. What the UDF saw lands in the `report` accumulator."""
+    from imageiq_spark import splits
+
     labels = {r["label"] for r in todo.select("label").distinct().collect() if r["label"] is not None}
     update_vocabulary(spark, config, labels)
-    outcome = transform_images(todo, spec, config, report)
+    stored_splits = splits.assign(spark, config, todo.select("image_id"))
+    outcome = transform_images(todo, spec, config, report, stored_splits)
     rows = prepared_rows(outcome.filter(F.col("reason").isNull()),
                          lakehouse.read_table(spark, config, LABELS_TABLE), spec, F.lit(prepared_at))
     settings = {

@@ -51,6 +51,7 @@ from pyspark.sql.types import (
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
+from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import spread
 from imageiq_spark.tensors import binary_views, tensors_from_binary
 
@@ -325,6 +326,10 @@ class ScoreSummary:
     inserted: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=self.candidates, written=self.inserted, quarantined=self.failed,
+                         model_name=self.model_name, model_version=self.model_version)
 
     def lines(self) -> list[str]:
         rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0

@@ -52,6 +52,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from imageiq_spark import lakehouse, models, readers  # noqa: E402
 from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
+from imageiq_spark.runs import RunCounts  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,9 @@ class TrainSummary:
     workers: int
     reader: str
     elapsed_s: float
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=self.train_rows + self.val_rows, model_version=self.version)
 
     def lines(self) -> list[str]:
         previous = ("none" if self.champion_val_accuracy is None

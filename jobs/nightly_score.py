@@ -1,11 +1,12 @@
-"""spark-submit entry point for the nightly scoring run: ingest new images, then score them.
+"""spark-submit entry point for the nightly scoring run: ingest new images, score them, monitor.
 
     spark-submit [SPARK OPTIONS] jobs/nightly_score.py [--conf FILE] [--set KEY=VALUE]...
         [--source URI] [--model URI]
 
-`--model` defaults to `models:/<mlflow.registered_model>@champion`. Both stages run in one Spark
+`--model` defaults to `models:/<mlflow.registered_model>@champion`. The stages run in one Spark
 application; the run stops at the first stage that fails and exits with its code (2 config error,
-1 other failure). `--master` and the other cluster settings are spark-submit's.
+1 other failure), or exits 3 when monitoring raised an alert for the newest window, so that the
+scheduler pages someone. `--master` and the other cluster settings are spark-submit's.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 
 from imageiq_spark.cli import main
 
-STAGES = ("ingest", "score")
+STAGES = ("ingest", "score", "monitor")
 
 
 def nightly(argv: list[str]) -> int:
@@ -31,6 +32,7 @@ def nightly(argv: list[str]) -> int:
     stage_options = {
         "ingest": ["--source", args.source] if args.source else [],
         "score": ["--model", args.model] if args.model else [],
+        "monitor": ["--fail-on-alert"],
     }
     for stage in STAGES:
         code = main([*common, stage, *stage_options[stage]])

@@ -1,4 +1,4 @@
-"""spark-submit entry point for the nightly training run: ingest, preprocess, train, evaluate.
+"""spark-submit entry point for the nightly training run: ingest, duplicates, preprocess, train, evaluate.
 
     spark-submit [SPARK OPTIONS] jobs/nightly_train.py [--conf FILE] [--set KEY=VALUE]... [--source URI]
 
@@ -12,7 +12,7 @@ import sys
 
 from imageiq_spark.cli import main
 
-STAGES = ("ingest", "preprocess", "train", "evaluate")
+STAGES = ("ingest", "duplicates", "preprocess", "train", "evaluate")
 
 
 def nightly(argv: list[str]) -> int:

@@ -53,5 +53,5 @@ def test_manual_spark_submit_lines_run_the_nightly_jobs_locally(tmp_path):
 
     scored = run_job("nightly_score", *common, "--source", str(tmp_path / "sample"), spark_submit=True)
     assert scored.returncode == 0, scored.stderr[-3000:]
-    assert re.findall(r"^== (\w+)$", scored.stdout, re.M) == ["ingest", "score"]
+    assert re.findall(r"^== (\w+)$", scored.stdout, re.M) == ["ingest", "score", "monitor"]
     assert re.search(r"^new images:\s+0$", scored.stdout, re.M)  # nothing new since training

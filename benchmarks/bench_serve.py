@@ -1,0 +1,262 @@
+"""Online serving: `imageiq serve` against `mlflow models serve` on the same registered model and
+the same JPEGs, and against the bare forward pass of that model in one process.
+
+A load generator in a second process (asyncio + aiohttp, one request per image) keeps 1, 8 and
+32 requests in flight on loopback for a fixed time and reports images/s and latency percentiles.
+The load generator shares the machine's cores with the server, as a client on the same host does.
+Bare rows run in this process with nothing else going on: the forward pass alone on prepared
+tensors (the machine's ceiling), and JPEG bytes -> decode, preprocess, forward in batches.
+The model has random weights: only speed is measured.
+
+    python -m benchmarks.bench_serve load URL KIND FILES_DIR CONCURRENCY SECONDS   # the load generator
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from benchmarks.common import bench_config, median, table, timed  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+SECONDS = float(os.environ.get("BENCH_SERVE_SECONDS", "10"))
+IMAGES = 256
+SIDE = 256  # JPEG size; the model's input is 32x32
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_jpegs(folder: Path, n: int) -> list[bytes]:
+    """n photo-like JPEGs (smooth colour fields plus texture) of SIDE x SIDE."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    blobs = []
+    for i in range(n):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = cv2.resize(small, (SIDE, SIDE), interpolation=cv2.INTER_CUBIC)
+        image = cv2.add(image, rng.integers(0, 24, image.shape, dtype=np.uint8))
+        data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        (folder / f"{i:04d}.jpg").write_bytes(data)
+        blobs.append(data)
+    return blobs
+
+
+def register_model(config) -> str:
+    """A small CNN (random weights) logged and registered as `models:/<name>@champion`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from imageiq_spark import tracking
+    from imageiq_spark.classifier import ImageClassifier, log_classifier
+    from imageiq_spark.models import ModelSpec, build_model
+    from imageiq_spark.transform import TransformSpec
+
+    tracking.configure_mlflow(config)
+    model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (127.5,) * 3, (64.0,) * 3))
+    classifier = ImageClassifier(model, [str(i) for i in range(10)], TransformSpec(size=(32, 32)))
+    name = config.mlflow.registered_model
+    with mlflow.start_run(), tempfile.TemporaryDirectory() as staging:
+        info = log_classifier(classifier, staging, registered_model_name=name)
+    MlflowClient().set_registered_model_alias(name, "champion", str(info.registered_model_version))
+    return str(info.registered_model_version)
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def generate_load(url: str, kind: str, files: Path, concurrency: int, seconds: float) -> dict:
+    """Run the load generator process; returns its JSON summary."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_serve", "load", url, kind, str(files),
+         str(concurrency), str(seconds)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(result.stdout)
+
+
+# --- the load generator (second process) ------------------------------------------------------
+
+
+async def _load(url: str, kind: str, blobs: list[bytes], concurrency: int, seconds: float) -> dict:
+    import aiohttp
+
+    if kind == "imageiq":
+        bodies = blobs
+        headers = {"Content-Type": "image/jpeg"}
+        target = f"{url}/predict"
+    else:  # mlflow models serve: JSON, the image base64-encoded in the binary `content` column
+        bodies = [json.dumps({"dataframe_split": {"columns": ["content"],
+                                                  "data": [[base64.b64encode(b).decode()]]}}).encode()
+                  for b in blobs]
+        headers = {"Content-Type": "application/json"}
+        target = f"{url}/invocations"
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(i: int) -> bool:
+            async with session.post(target, data=bodies[i % len(bodies)], headers=headers) as response:
+                await response.read()
+                return response.status == 200
+
+        for i in range(concurrency):  # warm-up: connections open, first batches done
+            await one(i)
+        deadline = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                ok = await one(i)
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+                i += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "images_per_s": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def load_main(argv: list[str]) -> int:
+    url, kind, folder, concurrency, seconds = argv
+    blobs = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
+    print(json.dumps(asyncio.run(_load(url, kind, blobs, int(concurrency), float(seconds)))))
+    return 0
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def bare_rates(model_uri: str, blobs: list[bytes], batch: int = 32) -> tuple[float, float]:
+    """images/s of the forward pass alone (prepared tensors in memory) and of bytes -> predictions
+    (decode, preprocess, forward) in batches of `batch`, in this process."""
+    from imageiq_spark.classifier import load_classifier
+    from imageiq_spark.transform import prepare_batch
+
+    classifier = load_classifier(model_uri)
+    tensors, _ = prepare_batch(blobs, classifier.spec)
+    chunks = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+
+    def forward() -> None:
+        for chunk in chunks:
+            classifier.predict_tensors(chunk)
+
+    def from_bytes() -> None:
+        for i in range(0, len(blobs), batch):
+            classifier.predict_tensors(prepare_batch(blobs[i:i + batch], classifier.spec)[0])
+
+    forward()
+    from_bytes()
+    return len(blobs) / median(timed(forward, repeats=5)), len(blobs) / median(timed(from_bytes, repeats=3))
+
+
+def run(workdir: Path) -> str:
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    config = bench_config(workdir / "lake", mlflow={"registered_model": "bench_serve"},
+                          serve={"alias_poll_s": 0})
+    version = register_model(config)
+    blobs = write_jpegs(workdir / "jpegs", IMAGES)
+    conf = workdir / "serve.yaml"
+    from imageiq_spark.config import to_dict
+    from imageiq_spark.tracking import tracking_uri
+
+    conf.write_text(yaml.safe_dump(to_dict(config)))
+    # mlflow models serve starts `uvicorn` from the PATH: the venv's.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(config), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    results: dict[tuple[str, int], dict] = {}
+    servers = {
+        "imageiq": ([str(BIN / "imageiq"), "--conf", str(conf), "serve", "--port", "{port}"],
+                    "/v2/health/ready"),
+        "mlflow": ([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/bench_serve/{version}",
+                    "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"], "/ping"),
+    }
+    for kind, (command, ready) in servers.items():
+        port = free_port()
+        process = subprocess.Popen([part.format(port=port) for part in command], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=(workdir / f"{kind}.log").open("wb"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url + ready, process)
+            for concurrency in CONCURRENCY:
+                results[kind, concurrency] = generate_load(url, kind, workdir / "jpegs", concurrency, SECONDS)
+        finally:
+            stop(process)
+    forward_rate, bytes_rate = bare_rates(f"models:/bench_serve/{version}", blobs)
+
+    rows = []
+    for (kind, concurrency), r in results.items():
+        name = "`imageiq serve`" if kind == "imageiq" else "`mlflow models serve` (JSON, base64)"
+        rows.append([name, concurrency, round(r["images_per_s"]), round(r["p50_ms"], 1),
+                     round(r["p99_ms"], 1), r["errors"], r["images_per_s"] / forward_rate,
+                     r["images_per_s"] / bytes_rate])
+    ours, theirs = results["imageiq", 32]["images_per_s"], results["mlflow", 32]["images_per_s"]
+    return "\n".join([
+        "## Serve",
+        "",
+        f"Small CNN (32x32 input, random weights), {IMAGES} JPEGs of {SIDE}x{SIDE}, one image per "
+        f"request, {SECONDS:.0f} s per row after a warm-up; the load generator (aiohttp) runs in a "
+        "second process on the same cores. Bare rows, in one process with nothing else running: "
+        f"forward pass alone on prepared tensors, batch 32: **{forward_rate:.0f} images/s**; JPEG "
+        f"bytes -> decode, preprocess, forward, batch 32: **{bytes_rate:.0f} images/s**.",
+        "",
+        table(["server", "concurrency", "images/s", "p50 ms", "p99 ms", "errors",
+               "ratio to bare forward", "ratio to bare bytes -> predictions"], rows),
+        "",
+        f"At concurrency 32 `imageiq serve` answered {ours / theirs:.1f}x the images/s of "
+        "`mlflow models serve` on the same registered model. Target: >= 0.8x the bare forward pass "
+        "and ahead of `mlflow models serve`.",
+    ])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["load"]:
+        sys.exit(load_main(sys.argv[2:]))
+    print(run(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/out/serve")))

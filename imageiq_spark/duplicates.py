@@ -1,0 +1,380 @@
+"""Duplicates: `images` -> `image_hashes`, `near_duplicates` (three tiers) and `near_duplicate_clusters`.
+
+Ingest already keeps one row per distinct file content, so what is left are different files of
+the same picture. Three tiers, each a pair (`image_id_a` < `image_id_b`) with a `distance`:
+
+- `exact`: identical decoded pixels (`phash.pixel_digest`): the same picture saved again with
+  other metadata, another PNG compression level or a lossless conversion. Distance 0.
+- `phash`: DCT perceptual hashes within `duplicates.max_distance` bits: resized, re-encoded,
+  slightly cropped or brightened copies (images of at least `duplicates.min_side` pixels a side:
+  on thumbnails a 64-bit hash links look-alikes, not copies). Found by a banded join: the 64
+  bits are cut into k+1 bands, and two hashes within k bits agree exactly on at least one band
+  (pigeonhole), so an equi-join on (band, value) finds every candidate and `bit_count(a ^ b) <= k`
+  keeps the true ones. Never a cross join: the work grows with the candidates, not with the
+  square of the images.
+- `embedding`: cosine similarity of the latest model's `embeddings` at or above
+  `duplicates.min_similarity` (distance = 1 - similarity): the same scene shot twice. An exact
+  blocked search: the normalised vectors are broadcast once, and each task multiplies its rows
+  by them (docs/benchmarks.md measures it against Spark's BucketedRandomProjectionLSH).
+
+Hashes are computed once per image (insert-only `image_hashes`, incremental like every stage);
+pairs go in by an insert-only MERGE, so a rerun adds nothing. Clusters are the connected
+components of all pairs, labelled by their smallest image_id: union-find on the driver, because
+the edge list holds only near-duplicates (a few per image at most, bytes per edge), whereas label
+propagation in Spark costs one shuffle job per step of the longest chain. The clusters table is
+brought to the new components by one MERGE (update, insert, delete what left).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from imageiq_spark import lakehouse, phash
+from imageiq_spark.config import Config
+from imageiq_spark.runs import RunCounts
+from imageiq_spark.session import spread
+
+log = logging.getLogger(__name__)
+
+HASHES_TABLE, PAIRS_TABLE, CLUSTERS_TABLE = "image_hashes", "near_duplicates", "near_duplicate_clusters"
+HASHES_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), False),
+        StructField("dhash", LongType(), True),
+        StructField("phash", LongType(), True),
+        StructField("pixel_digest", StringType(), True),
+        StructField("error", StringType(), True),
+        StructField("hashed_at", TimestampType(), False),
+    ]
+)
+PAIRS_SCHEMA = StructType(
+    [
+        StructField("image_id_a", StringType(), False),
+        StructField("image_id_b", StringType(), False),
+        StructField("tier", StringType(), False),
+        StructField("distance", DoubleType(), False),
+        StructField("found_at", TimestampType(), False),
+    ]
+)
+PAIR_KEYS = ["image_id_a", "image_id_b", "tier"]
+CLUSTERS_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), False),
+        StructField("cluster_id", StringType(), False),
+        StructField("cluster_size", IntegerType(), False),
+        StructField("clustered_at", TimestampType(), False),
+    ]
+)
+TIERS = ("exact", "phash", "embedding")
+_HASH_ROWS = StructType([StructField(f.name, f.dataType, True) for f in HASHES_SCHEMA.fields[:-1]])
+_SIMILAR_ROWS = StructType(
+    [
+        StructField("image_id_a", StringType(), False),
+        StructField("image_id_b", StringType(), False),
+        StructField("similarity", DoubleType(), False),
+    ]
+)
+
+
+@dataclass
+class DuplicatesSummary:
+    hashed: int = 0
+    unreadable: int = 0
+    pairs: dict[str, int] = field(default_factory=dict)
+    new_pairs: int = 0
+    embedding_model: str | None = None
+    clusters: int = 0
+    clustered_images: int = 0
+    elapsed_s: float = 0.0
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=self.hashed, written=self.new_pairs, quarantined=self.unreadable)
+
+    def lines(self) -> list[str]:
+        lines = [f"hashed:       {self.hashed} new images ({self.unreadable} unreadable)"]
+        for tier in TIERS:
+            if tier == "embedding" and self.embedding_model is None:
+                lines.append("embedding:    skipped (no embeddings: run `imageiq embed`)")
+                continue
+            extra = f" ({self.embedding_model})" if tier == "embedding" else ""
+            lines.append(f"{tier + ':':<13} {self.pairs.get(tier, 0)} pairs{extra}")
+        lines += [f"new pairs:    {self.new_pairs}",
+                  f"clusters:     {self.clusters} ({self.clustered_images} images)",
+                  f"elapsed:      {self.elapsed_s:.1f} s"]
+        return lines
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def bands(k: int, bits: int = phash.HASH_BITS) -> list[tuple[int, int]]:
+    """(offset, width) of k+1 bands covering `bits` bits, widths differing by at most one."""
+    count = k + 1
+    if not 0 <= k < bits:
+        raise ValueError(f"bands: k must be 0..{bits - 1}, got {k}")
+    widths = [bits // count + (1 if i < bits % count else 0) for i in range(count)]
+    offsets = [sum(widths[:i]) for i in range(count)]
+    return list(zip(offsets, widths))
+
+
+def band_value(h: Column, offset: int, width: int) -> Column:
+    """Bits offset..offset+width-1 (from the most significant) of a bigint hash."""
+    return F.shiftrightunsigned(h, phash.HASH_BITS - offset - width).bitwiseAND(F.lit((1 << width) - 1))
+
+
+def hamming_pairs(hashes: DataFrame, k: int, column: str = "phash") -> DataFrame:
+    """(image_id, <column> bigint) rows -> (image_id_a, image_id_b, distance) of every pair within
+    `k` bits, by a banded equi-join; each pair once (at the first band it agrees on)."""
+    layout = bands(k)
+    keyed = hashes.where(F.col(column).isNotNull()).select(
+        "image_id",
+        F.col(column).alias("h"),
+        F.posexplode(F.array(*[band_value(F.col(column), o, w) for o, w in layout])).alias("band", "value"),
+    )
+    a, b = keyed.alias("a"), keyed.alias("b")
+    joined = a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.value") == F.col("b.value"))
+                    & (F.col("a.image_id") < F.col("b.image_id")))
+    # A pair that agrees on several bands meets once per band: keep it at the first one only, which
+    # needs no shuffle (a distinct would).
+    earlier = F.lit(False)
+    agreed_before = F.lit(False)
+    for index, (offset, width) in enumerate(layout):
+        agreed_before = F.when(F.col("a.band") == index, earlier).otherwise(agreed_before)
+        same = band_value(F.col("a.h"), offset, width) == band_value(F.col("b.h"), offset, width)
+        earlier = earlier | same
+    distance = F.bit_count(F.col("a.h").bitwiseXOR(F.col("b.h")))
+    return joined.where((distance <= k) & ~agreed_before).select(
+        F.col("a.image_id").alias("image_id_a"), F.col("b.image_id").alias("image_id_b"),
+        distance.cast("int").alias("distance"),
+    )
+
+
+def exact_pairs(hashes: DataFrame) -> DataFrame:
+    """(image_id, pixel_digest) rows -> (image_id_a, image_id_b) of images with identical pixels."""
+    keyed = hashes.where(F.col("pixel_digest").isNotNull()).select("image_id", "pixel_digest")
+    a, b = keyed.alias("a"), keyed.alias("b")
+    return a.join(b, (F.col("a.pixel_digest") == F.col("b.pixel_digest"))
+                  & (F.col("a.image_id") < F.col("b.image_id"))).select(
+        F.col("a.image_id").alias("image_id_a"), F.col("b.image_id").alias("image_id_b"))
+
+
+def normalised_matrix(vectors: DataFrame) -> tuple[list[str], np.ndarray]:
+    """(image_id, vector array<float>) rows -> (ids sorted, L2-normalised float32 [n, d]), via Arrow."""
+    table = vectors.select("image_id", "vector").orderBy("image_id").toArrow()
+    ids = table.column("image_id").to_pylist()
+    if not ids:
+        return [], np.zeros((0, 0), np.float32)
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    matrix = np.asarray(flat, np.float32).reshape(len(ids), -1)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return ids, matrix / np.where(norms == 0, 1.0, norms)
+
+
+@dataclass(frozen=True)
+class CosineBlocks:
+    """The `mapInArrow` function: (image_id, row) batches -> pairs with similarity >= threshold.
+
+    Row r of the broadcast matrix is compared with rows r+1.. only, so each pair comes out once,
+    in image_id order (the matrix is sorted by image_id).
+    """
+
+    matrix: object  # Broadcast of (ids, normalised matrix)
+    threshold: float
+    block_rows: int = 1024
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        ids, matrix = self.matrix.value  # type: ignore[attr-defined]
+        names = np.asarray(ids, object)
+        for batch in batches:
+            rows = np.asarray(batch.column(0).to_numpy(), np.int64)
+            for start in range(0, len(rows), self.block_rows):
+                block = rows[start:start + self.block_rows]
+                sims = matrix[block] @ matrix.T
+                hit_i, hit_j = np.nonzero(sims >= self.threshold)
+                keep = hit_j > block[hit_i]
+                hit_i, hit_j = hit_i[keep], hit_j[keep]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(names[block[hit_i]], pa.string()), pa.array(names[hit_j], pa.string()),
+                     pa.array(sims[hit_i, hit_j].astype(np.float64))],
+                    names=_SIMILAR_ROWS.fieldNames(),
+                )
+
+
+def cosine_pairs(spark: SparkSession, vectors: DataFrame, threshold: float) -> DataFrame:
+    """(image_id, vector) rows -> (image_id_a, image_id_b, similarity) of every pair whose cosine
+    similarity is >= threshold: an exact search, the normalised vectors broadcast once."""
+    ids, matrix = normalised_matrix(vectors)
+    if len(ids) < 2:
+        return spark.createDataFrame([], _SIMILAR_ROWS)
+    shared = spark.sparkContext.broadcast((ids, matrix))
+    rows = spark.range(len(ids)).select(F.col("id").alias("row"))
+    return spread(rows).mapInArrow(CosineBlocks(shared, threshold), _SIMILAR_ROWS)
+
+
+def components(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Connected components of an edge list: image_id -> smallest image_id of its component."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            # The smaller id becomes the root, so a component's root is its smallest image_id.
+            parent[max(ra, rb)] = min(ra, rb)
+    return {x: root(x) for x in parent}
+
+
+# ------------------------------------------------------------------------------- table access
+
+
+def ensure_tables(spark: SparkSession, config: Config) -> None:
+    lakehouse.ensure_table(spark, config, HASHES_TABLE, HASHES_SCHEMA)
+    lakehouse.ensure_table(spark, config, PAIRS_TABLE, PAIRS_SCHEMA)
+    lakehouse.ensure_table(spark, config, CLUSTERS_TABLE, CLUSTERS_SCHEMA)
+
+
+def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
+    """Hash every image of `images` without an `image_hashes` row; returns (new rows, unreadable).
+
+    The hashes are staged to Parquet first, so a retried MERGE never decodes the images again."""
+    from imageiq_spark.score import remove_staging
+
+    images = lakehouse.read_table(spark, config, "images").select("image_id", "content")
+    done = lakehouse.read_table(spark, config, HASHES_TABLE).select("image_id")
+    todo = images.join(done, "image_id", "left_anti")
+    staging = lakehouse.lake_path(config, "staging", HASHES_TABLE, uuid.uuid4().hex)
+    try:
+        spread(todo).mapInArrow(phash.hash_record_batches, _HASH_ROWS).write.parquet(staging)
+        staged = spark.read.parquet(staging).withColumn("hashed_at", F.current_timestamp())
+        inserted = lakehouse.merge_new_rows(config, HASHES_TABLE, staged, ["image_id"])
+        unreadable = staged.where(F.col("error").isNotNull()).count() if inserted else 0
+    finally:
+        remove_staging(staging)
+    return inserted, unreadable
+
+
+def latest_embeddings(spark: SparkSession, config: Config) -> tuple[str | None, DataFrame | None]:
+    """('name version N', its (image_id, vector) rows) of the model that embedded last."""
+    if not lakehouse.table_exists(spark, config, "embeddings"):
+        return None, None
+    embeddings = lakehouse.read_table(spark, config, "embeddings")
+    latest = (embeddings.groupBy("model_name", "model_version").agg(F.max("embedded_at").alias("at"))
+              .orderBy(F.desc("at")).first())
+    if latest is None:
+        return None, None
+    rows = embeddings.where((F.col("model_name") == latest["model_name"])
+                            & (F.col("model_version") == latest["model_version"]))
+    return f"{latest['model_name']} version {latest['model_version']}", rows.select("image_id", "vector")
+
+
+def read_clusters(spark: SparkSession, config: Config) -> DataFrame | None:
+    """(image_id, cluster_id, cluster_size, clustered_at) of images with a near-duplicate, or None."""
+    if not lakehouse.table_exists(spark, config, CLUSTERS_TABLE):
+        return None
+    return lakehouse.read_table(spark, config, CLUSTERS_TABLE)
+
+
+def write_clusters(spark: SparkSession, config: Config, clusters: dict[str, str]) -> None:
+    """Bring `near_duplicate_clusters` to these components in one MERGE."""
+    sizes: dict[str, int] = {}
+    for cluster in clusters.values():
+        sizes[cluster] = sizes.get(cluster, 0) + 1
+    now = datetime.datetime.now()
+    rows = spark.createDataFrame(
+        [(image, cluster, sizes[cluster], now) for image, cluster in sorted(clusters.items())],
+        CLUSTERS_SCHEMA,
+    )
+    lakehouse.merge(
+        config, CLUSTERS_TABLE, rows, "t.image_id = s.image_id",
+        "WHEN MATCHED AND (t.cluster_id <> s.cluster_id OR t.cluster_size <> s.cluster_size) "
+        "THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT * WHEN NOT MATCHED BY SOURCE THEN DELETE",
+    )
+
+
+def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
+    """Hash new images, find the pairs of every tier, add the new ones and recompute the clusters."""
+    if not lakehouse.table_exists(spark, config, "images"):
+        raise RuntimeError(
+            f"table images does not exist under storage.root '{config.storage.root}': "
+            "run `imageiq ingest` first"
+        )
+    started = time.monotonic()
+    settings = config.duplicates
+    summary = DuplicatesSummary()
+    ensure_tables(spark, config)
+    summary.hashed, summary.unreadable = update_hashes(spark, config)
+    hashes = lakehouse.read_table(spark, config, HASHES_TABLE)
+    large = (lakehouse.read_table(spark, config, "images")
+             .where(F.least("width", "height") >= settings.min_side).select("image_id"))
+    found = {
+        "exact": exact_pairs(hashes).withColumn("distance", F.lit(0.0)),
+        "phash": hamming_pairs(hashes.join(large, "image_id", "left_semi"), settings.max_distance)
+        .withColumn("distance", F.col("distance").cast("double")),
+    }
+    summary.embedding_model, vectors = latest_embeddings(spark, config)
+    if vectors is not None:
+        found["embedding"] = cosine_pairs(spark, vectors, settings.min_similarity).select(
+            "image_id_a", "image_id_b", (1.0 - F.col("similarity")).alias("distance"))
+    found_at = datetime.datetime.now()
+    tiers = [pairs.select("image_id_a", "image_id_b", F.lit(tier).alias("tier"), "distance",
+                          F.lit(found_at).alias("found_at")) for tier, pairs in found.items()]
+    rows = tiers[0]
+    for more in tiers[1:]:
+        rows = rows.unionByName(more)
+    # One MERGE for all tiers: each MERGE is a Delta commit of its own (seconds on a small lake).
+    summary.new_pairs = lakehouse.merge_new_rows(config, PAIRS_TABLE, rows, PAIR_KEYS)
+    stored = lakehouse.read_table(spark, config, PAIRS_TABLE)
+    edges = [(r["image_id_a"], r["image_id_b"], r["tier"]) for r in
+             stored.select("image_id_a", "image_id_b", "tier").collect()]
+    summary.pairs = dict(Counter(tier for _, _, tier in edges))
+    clusters = components([(a, b) for a, b, _ in edges])
+    # Pairs are never removed, so the components change only with new pairs; comparing with the
+    # stored ones also repairs a run that crashed between the two writes.
+    current = lakehouse.read_table(spark, config, CLUSTERS_TABLE).select("image_id", "cluster_id")
+    stored_clusters = {r["image_id"]: r["cluster_id"] for r in current.collect()}
+    if stored_clusters != clusters:
+        write_clusters(spark, config, clusters)
+    summary.clusters = len(set(clusters.values()))
+    summary.clustered_images = len(clusters)
+    lakehouse.register_tables(spark, config)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def brute_force_pairs(ids: list[str], hashes: np.ndarray, k: int) -> set[tuple[str, str]]:
+    """Every pair within k bits by comparing all pairs (numpy): the reference the join must equal."""
+    order = np.argsort(np.asarray(ids, object))
+    names = np.asarray(ids, object)[order]
+    values = np.asarray(hashes, np.int64)[order]
+    found: set[tuple[str, str]] = set()
+    for i in range(len(values) - 1):
+        near = np.flatnonzero(phash.hamming(values[i], values[i + 1:]) <= k) + i + 1
+        found.update((names[i], names[j]) for j in near)
+    return found
+

@@ -1,0 +1,626 @@
+"""Monitor: profiles and drift of the champion's predictions and of the images it scored, per
+window, against the champion's baseline -> `monitor_profiles`, `monitor_drift`, `alerts`.
+
+The baseline is what the champion was trained on: the `prepared` rows of its preprocess version
+prepared before its training run started (its tags name the version; the timestamp pins the
+rows, so the baseline survives table copies and VACUUM). Image properties come from its train
+split; label mix, confidence and accuracy from its predictions on the val split, images it never
+fitted. A window holds the champion's predictions of images outside that baseline, by the
+`monitor.window` (day or hour) of `scored_at`, joined to the images' properties.
+
+Where the time goes: one Spark aggregation reduces window and baseline rows alike to counts per
+(window, variable, category or grid value) (`distribution_counts`), so a million predictions
+reach the driver as a few thousand counts, and `drift` computes the statistics from those.
+Image properties (brightness, contrast, sharpness) need a decode: `image_profiles` keeps them per
+image, computed once, for the images a run needs and does not have yet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType
+
+from imageiq_spark import drift, lakehouse
+from imageiq_spark.config import Config
+from imageiq_spark.runs import RunCounts
+from imageiq_spark.tensors import binary_views
+
+log = logging.getLogger(__name__)
+
+IMAGE_PROFILES_SCHEMA = StructType(
+    [
+        StructField("image_id", StringType(), False),
+        StructField("brightness", DoubleType(), True),
+        StructField("contrast", DoubleType(), True),
+        StructField("sharpness", DoubleType(), True),
+        StructField("profiled_at", TimestampType(), False),
+    ]
+)
+_WINDOW_FIELDS = [
+    StructField("window_start", TimestampType(), False),
+    StructField("window_end", TimestampType(), False),
+    StructField("source", StringType(), False),
+    StructField("model_name", StringType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("metric", StringType(), False),
+]
+PROFILES_SCHEMA = StructType(
+    [
+        *_WINDOW_FIELDS,
+        StructField("key", StringType(), True),
+        StructField("value", DoubleType(), True),
+        StructField("rows", LongType(), False),
+        StructField("computed_at", TimestampType(), False),
+    ]
+)
+DRIFT_SCHEMA = StructType(
+    [
+        *_WINDOW_FIELDS,
+        StructField("value", DoubleType(), True),
+        StructField("threshold", DoubleType(), True),
+        StructField("window_rows", LongType(), False),
+        StructField("baseline_rows", LongType(), False),
+        StructField("computed_at", TimestampType(), False),
+    ]
+)
+ALERTS_SCHEMA = StructType(
+    [
+        StructField("metric", StringType(), False),
+        StructField("window_start", TimestampType(), False),
+        StructField("window_end", TimestampType(), False),
+        StructField("source", StringType(), False),
+        StructField("model_name", StringType(), False),
+        StructField("model_version", StringType(), False),
+        StructField("value", DoubleType(), False),
+        StructField("threshold", DoubleType(), False),
+        StructField("severity", StringType(), False),
+        StructField("raised_at", TimestampType(), False),
+    ]
+)
+ALERT_KEYS = ["metric", "window_start", "source", "model_name", "model_version"]
+#: Continuous variables and the grid they are counted on (`drift` module docstring).
+QUANTUM = {"confidence": 1e-4, "width": 1.0, "height": 1.0, "brightness": 0.01, "contrast": 1e-3,
+           "sharpness": 1e-3}
+CATEGORICAL = ("label", "format", "correct")
+#: Image properties come from a decode at most this much larger than PROFILE_SIDE per side.
+PROFILE_SIDE = 256
+BASELINE = "baseline"
+BATCH = "batch"
+
+
+# --- per image: brightness, contrast, sharpness ------------------------------------------------
+
+
+def image_properties(gray: np.ndarray) -> tuple[float, float, float]:
+    """(mean grey level, contrast, sharpness) of a greyscale image.
+
+    Contrast is the grey-level standard deviation over the mean, and sharpness the variance of
+    the Laplacian over the grey-level variance: both are unchanged when an image is only made
+    darker or brighter, so an exposure change reads as brightness drift alone.
+    """
+    import cv2
+
+    pixels = gray.astype(np.float64)
+    mean, variance = float(pixels.mean()), float(pixels.var())
+    contrast = float(np.sqrt(variance) / mean) if mean > 0 else 0.0
+    laplacian = cv2.Laplacian(pixels, cv2.CV_64F)
+    sharpness = float(laplacian.var() / variance) if variance > 0 else 0.0
+    return mean, contrast, sharpness
+
+
+def _reduced_flag(width: int | None, height: int | None) -> int:
+    """Decode large images at 1/2, 1/4 or 1/8 scale while the short side keeps PROFILE_SIDE."""
+    import cv2
+
+    short = min(width or 0, height or 0)
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                         (2, cv2.IMREAD_REDUCED_GRAYSCALE_2)):
+        if short >= factor * PROFILE_SIDE:
+            return flag
+    return cv2.IMREAD_GRAYSCALE
+
+
+_ARROW_PROPERTIES = pa.schema([("image_id", pa.string()), ("brightness", pa.float64()),
+                               ("contrast", pa.float64()), ("sharpness", pa.float64())])
+
+
+def profile_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """`mapInArrow`: (image_id, content, width, height) -> (image_id, brightness, contrast,
+    sharpness); an image that does not decode gets nulls (the other stages quarantine it)."""
+    import cv2
+
+    for batch in batches:
+        widths, heights = batch.column(2).to_pylist(), batch.column(3).to_pylist()
+        values = []
+        for data, width, height in zip(binary_views(batch.column(1)), widths, heights):
+            gray = None if data is None else cv2.imdecode(data, _reduced_flag(width, height))
+            values.append((None, None, None) if gray is None else image_properties(gray))
+        columns = list(zip(*values)) if values else [(), (), ()]
+        yield pa.RecordBatch.from_arrays(
+            [batch.column(0), *(pa.array(c, pa.float64()) for c in columns)], schema=_ARROW_PROPERTIES)
+
+
+def profile_images(images: DataFrame) -> DataFrame:
+    """(image_id, content, width, height) rows -> IMAGE_PROFILES_SCHEMA rows."""
+    schema = StructType(IMAGE_PROFILES_SCHEMA.fields[:-1])
+    return (images.select("image_id", "content", "width", "height")
+            .mapInArrow(profile_batches, schema)
+            .withColumn("profiled_at", F.current_timestamp()))
+
+
+# --- distributions ------------------------------------------------------------------------------
+
+
+def distribution_counts(rows: DataFrame) -> DataFrame:
+    """Rows with a `window_start` and any of the CATEGORICAL / QUANTUM columns -> counts per
+    (window_start, variable, category, bin), in one aggregation. A continuous value v is counted
+    at bin round(v / quantum); nulls are not counted."""
+    entries: list[Column] = []
+    for name in CATEGORICAL:
+        if name in rows.columns:
+            entries.append(F.struct(F.lit(name).alias("variable"),
+                                    F.col(name).cast("string").alias("category"),
+                                    F.lit(None).cast("long").alias("bin")))
+    for name, quantum in QUANTUM.items():
+        if name in rows.columns:
+            entries.append(F.struct(F.lit(name).alias("variable"),
+                                    F.lit(None).cast("string").alias("category"),
+                                    F.round(F.col(name) / quantum).cast("long").alias("bin")))
+    return (rows.select("window_start", F.explode(F.array(*entries)).alias("e"))
+            .where(F.col("e.category").isNotNull() | F.col("e.bin").isNotNull())
+            .groupBy("window_start", "e.variable", "e.category", "e.bin").count())
+
+
+@dataclass
+class Distributions:
+    """One side's counts (a window's, or the baseline's), by variable."""
+
+    categories: dict[str, dict[str, int]] = field(default_factory=dict)
+    grids: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # values, counts
+
+    @classmethod
+    def from_rows(cls, rows: list[Any]) -> Distributions:
+        categories: dict[str, dict[str, int]] = {}
+        grid_lists: dict[str, list[tuple[int, int]]] = {}
+        for r in rows:
+            if r["category"] is not None:
+                categories.setdefault(r["variable"], {})[r["category"]] = int(r["count"])
+            else:
+                grid_lists.setdefault(r["variable"], []).append((int(r["bin"]), int(r["count"])))
+        grids = {}
+        for name, pairs in grid_lists.items():
+            bins, counts = np.array(pairs, dtype=np.int64).T
+            grids[name] = (bins * QUANTUM[name], counts)
+        return cls(categories, grids)
+
+    def rows(self) -> int:
+        """Predictions counted (each has a label), else images counted."""
+        label = self.categories.get("label")
+        if label:
+            return sum(label.values())
+        return max((int(c.sum()) for _, c in self.grids.values()), default=0)
+
+    def accuracy(self) -> float | None:
+        correct = self.categories.get("correct", {})
+        total = sum(correct.values())
+        return correct.get("true", 0) / total if total else None
+
+
+def _aligned(a: dict[str, int], b: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    keys = sorted(set(a) | set(b))
+    return np.array([a.get(k, 0) for k in keys], float), np.array([b.get(k, 0) for k in keys], float)
+
+
+def drift_metrics(baseline: Distributions, window: Distributions) -> dict[str, float]:
+    """Every drift statistic both sides have data for, by metric name (= its threshold key)."""
+    metrics: dict[str, float] = {}
+    for name in ("label", "format"):
+        b, w = baseline.categories.get(name), window.categories.get(name)
+        if b and w:
+            expected, actual = _aligned(b, w)
+            metrics[f"{name}_psi"] = drift.psi(expected, actual)
+            if name == "label":
+                metrics["label_js"] = drift.js_distance(expected, actual)
+    for name in QUANTUM:
+        if name in baseline.grids and name in window.grids:
+            metrics[f"{name}_ks"] = drift.ks_statistic(*baseline.grids[name], *window.grids[name])
+    if "confidence" in baseline.grids and "confidence" in window.grids:
+        metrics["confidence_wasserstein"] = drift.wasserstein(*baseline.grids["confidence"],
+                                                              *window.grids["confidence"])
+    base_accuracy, window_accuracy = baseline.accuracy(), window.accuracy()
+    if base_accuracy is not None and window_accuracy is not None:
+        metrics["accuracy_drop"] = base_accuracy - window_accuracy
+    return metrics
+
+
+def profile_metrics(side: Distributions) -> list[tuple[str, str | None, float]]:
+    """(metric, key, value) rows describing one side: shares, means, quantiles, accuracy."""
+    rows: list[tuple[str, str | None, float]] = []
+    for name, counts in sorted(side.categories.items()):
+        if name == "correct":
+            continue
+        total = sum(counts.values())
+        rows += [(f"{name}_share", key, n / total) for key, n in sorted(counts.items())]
+    for name, (values, counts) in sorted(side.grids.items()):
+        order = np.argsort(values)
+        values, counts = values[order], counts[order].astype(float)
+        mean = float(np.average(values, weights=counts))
+        cumulative = np.cumsum(counts) / counts.sum()
+        rows += [(f"{name}_mean", None, mean),
+                 (f"{name}_std", None, float(np.sqrt(np.average((values - mean) ** 2, weights=counts)))),
+                 (f"{name}_p05", None, float(values[np.searchsorted(cumulative, 0.05)])),
+                 (f"{name}_p50", None, float(values[np.searchsorted(cumulative, 0.5)])),
+                 (f"{name}_p95", None, float(values[np.searchsorted(cumulative, 0.95)]))]
+    accuracy = side.accuracy()
+    if accuracy is not None:
+        rows.append(("accuracy", None, accuracy))
+    return rows
+
+
+# --- the champion's baseline and windows ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Champion:
+    name: str
+    version: str
+    run_id: str
+    preprocess_version: str
+    trained_at: datetime.datetime  # the training run's start, local time like `prepared_at`
+
+
+def champion(config: Config) -> Champion:
+    from mlflow.tracking import MlflowClient
+
+    from imageiq_spark import tracking
+
+    name, version, run_id = tracking.resolve_model(config, tracking.default_model_uri(config))
+    run = MlflowClient().get_run(run_id)
+    preprocess_version = run.data.tags.get("preprocess_version")
+    if preprocess_version is None:
+        raise RuntimeError(
+            f"the champion {name} version {version} (run {run_id}) has no preprocess_version tag: "
+            "monitoring compares against the data a model was trained on, so it needs a champion "
+            "trained by `imageiq train`"
+        )
+    trained_at = datetime.datetime.fromtimestamp(run.info.start_time / 1000)
+    return Champion(name, version, run_id, preprocess_version, trained_at)
+
+
+def baseline_splits(spark: SparkSession, config: Config, model: Champion) -> DataFrame:
+    """(image_id, split) of the rows the champion was trained on."""
+    return (lakehouse.read_table(spark, config, "prepared")
+            .where((F.col("preprocess_version") == model.preprocess_version)
+                   & (F.col("prepared_at") <= F.lit(model.trained_at)))
+            .select("image_id", "split"))
+
+
+def window_start(column: str, unit: str) -> Column:
+    return F.date_trunc(unit, F.col(column))
+
+
+def _window_end(start: datetime.datetime, unit: str) -> datetime.datetime:
+    return start + (datetime.timedelta(days=1) if unit == "day" else datetime.timedelta(hours=1))
+
+
+def population(spark: SparkSession, config: Config, model: Champion, since: datetime.datetime
+               ) -> DataFrame:
+    """Window rows and baseline rows (window_start null) with the columns `distribution_counts`
+    counts: the champion's predictions outside its baseline, its val predictions, and the
+    properties of its training images."""
+    images = lakehouse.read_table(spark, config, "images").select("image_id", "label", "format", "width",
+                                                                  "height")
+    profiles = lakehouse.read_table(spark, config, "image_profiles").select(
+        "image_id", "brightness", "contrast", "sharpness")
+    predictions = (lakehouse.read_table(spark, config, "predictions")
+                   .where((F.col("model_name") == model.name) & (F.col("model_version") == model.version))
+                   .select("image_id", "scored_at", F.col("predicted_label"), "confidence"))
+    splits = baseline_splits(spark, config, model)
+    unit = config.monitor.window
+
+    def predicted(rows: DataFrame) -> DataFrame:
+        labelled = rows.join(images.select("image_id", "label"), "image_id", "left")
+        return labelled.select(
+            "image_id", F.col("predicted_label").alias("label"), "confidence",
+            F.when(F.col("label").isNotNull(), (F.col("predicted_label") == F.col("label")).cast("string"))
+            .alias("correct"))
+
+    windows = (predictions.join(splits, "image_id", "left_anti")
+               .withColumn("window_start", window_start("scored_at", unit))
+               .where(F.col("window_start") >= F.lit(since)))
+    window_rows = (predicted(windows.drop("window_start")).join(windows.select("image_id", "window_start"),
+                                                                "image_id")
+                   .join(images.drop("label"), "image_id", "left").join(profiles, "image_id", "left"))
+    val = predicted(predictions.join(splits.where(F.col("split") == "val"), "image_id", "left_semi"))
+    train_images = (images.drop("label")
+                    .join(splits.where(F.col("split") == "train"), "image_id", "left_semi")
+                    .join(profiles, "image_id", "left"))
+    no_window = F.lit(None).cast("timestamp").alias("window_start")
+    return (window_rows.drop("image_id")
+            .unionByName(val.select(no_window, "label", "confidence", "correct"), allowMissingColumns=True)
+            .unionByName(train_images.select(no_window, "format", "width", "height", "brightness",
+                                             "contrast", "sharpness"), allowMissingColumns=True))
+
+
+def quarantine_rates(spark: SparkSession, config: Config, since: datetime.datetime
+                     ) -> dict[datetime.datetime, tuple[float, int]]:
+    """Per window of `ingested_at`: (share of files quarantined, files seen)."""
+    unit = config.monitor.window
+    images = (lakehouse.read_table(spark, config, "images")
+              .select(window_start("ingested_at", unit).alias("window_start"), F.lit(0).alias("bad")))
+    if lakehouse.table_exists(spark, config, "quarantine"):
+        images = images.unionByName(lakehouse.read_table(spark, config, "quarantine").select(
+            window_start("ingested_at", unit).alias("window_start"), F.lit(1).alias("bad")))
+    rows = (images.where(F.col("window_start") >= F.lit(since)).groupBy("window_start")
+            .agg(F.avg("bad").alias("rate"), F.count("*").alias("files")).collect())
+    return {r["window_start"]: (float(r["rate"]), int(r["files"])) for r in rows}
+
+
+def update_image_profiles(spark: SparkSession, config: Config) -> int:
+    """Profile the images that have none yet; returns how many were added."""
+    from imageiq_spark.session import spread
+
+    lakehouse.ensure_table(spark, config, "image_profiles", IMAGE_PROFILES_SCHEMA)
+    todo = lakehouse.read_table(spark, config, "images").join(
+        lakehouse.read_table(spark, config, "image_profiles").select("image_id"), "image_id", "left_anti")
+    return lakehouse.merge_new_rows(config, "image_profiles", profile_images(spread(todo)), ["image_id"])
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alert:
+    metric: str
+    window_start: datetime.datetime
+    value: float
+    threshold: float
+    severity: str
+
+
+@dataclass
+class MonitorSummary:
+    model_name: str = ""
+    model_version: str = ""
+    windows: int = 0
+    profiled_images: int = 0
+    latest_window: datetime.datetime | None = None
+    latest: dict[str, float] = field(default_factory=dict)
+    alerts: list[Alert] = field(default_factory=list)
+    report_uri: str = ""
+    textfile: str = ""
+    elapsed_s: float = 0.0
+
+    def latest_alerts(self) -> list[Alert]:
+        """Breaches in the newest window: what a scheduler pages on (older ones already did)."""
+        newest = max((a.window_start for a in self.alerts), default=None)
+        return [a for a in self.alerts if a.window_start == newest and newest == self.latest_window]
+
+    def counts(self) -> RunCounts:
+        return RunCounts(read=self.windows, written=len(self.alerts), model_name=self.model_name,
+                         model_version=self.model_version)
+
+    def lines(self) -> list[str]:
+        lines = [f"model:        {self.model_name} version {self.model_version}",
+                 f"windows:      {self.windows}",
+                 f"profiled:     {self.profiled_images} new images"]
+        if self.latest:
+            lines.append(f"latest window ({self.latest_window:%Y-%m-%d %H:%M}): "
+                         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.latest.items())))
+        lines.append(f"alerts:       {len(self.alerts)}")
+        lines += [f"  {a.severity:<8} {a.metric} = {a.value:.4f} > {a.threshold} in window "
+                  f"{a.window_start:%Y-%m-%d %H:%M}" for a in self.alerts]
+        if self.report_uri:
+            lines.append(f"report:       {self.report_uri}")
+        if self.textfile:
+            lines.append(f"prometheus:   {self.textfile}")
+        lines.append(f"elapsed:      {self.elapsed_s:.1f} s")
+        return lines
+
+
+def thresholds(config: Config) -> dict[str, float | None]:
+    return asdict(config.monitor.thresholds)
+
+
+def alerts_for(config: Config, window: datetime.datetime, values: dict[str, float], rows: int,
+               files: int) -> list[Alert]:
+    """The breaches of one window. Windows too small to judge raise none."""
+    alerts = []
+    for metric, value in sorted(values.items()):
+        threshold = thresholds(config).get(metric)
+        judged_rows = files if metric == "quarantine_rate" else rows
+        if threshold is None or judged_rows < config.monitor.min_rows or not value > threshold:
+            continue
+        severity = "critical" if value > config.monitor.critical_factor * threshold else "warning"
+        alerts.append(Alert(metric, window, value, threshold, severity))
+    return alerts
+
+
+def run(spark: SparkSession, config: Config) -> MonitorSummary:
+    """Profile every window of the last `monitor.lookback_days` against the champion's baseline."""
+    started = time.monotonic()
+    for table in ("images", "prepared", "predictions"):
+        if not lakehouse.table_exists(spark, config, table):
+            raise RuntimeError(f"table '{table}' does not exist: monitoring needs ingest, preprocess, "
+                               "train and score to have run")
+    model = champion(config)
+    summary = MonitorSummary(model.name, model.version)
+    summary.profiled_images = update_image_profiles(spark, config)
+    now = datetime.datetime.now()
+    since = datetime.datetime.combine(now.date() - datetime.timedelta(days=config.monitor.lookback_days),
+                                      datetime.time())
+    counted = distribution_counts(population(spark, config, model, since)).collect()
+    by_window: dict[datetime.datetime | None, list[Any]] = {}
+    for row in counted:
+        by_window.setdefault(row["window_start"], []).append(row)
+    baseline = Distributions.from_rows(by_window.pop(None, []))
+    rates = quarantine_rates(spark, config, since)
+
+    computed_at = datetime.datetime.now()
+    unit = config.monitor.window
+    limits = thresholds(config)
+    profiles: list[tuple] = [
+        (model.trained_at, model.trained_at, BASELINE, model.name, model.version, metric, key, value,
+         baseline.rows(), computed_at) for metric, key, value in profile_metrics(baseline)]
+    drifts: list[tuple] = []
+    windows = sorted(set(by_window) | set(rates))
+    for start in windows:
+        side = Distributions.from_rows(by_window.get(start, []))
+        values = drift_metrics(baseline, side)
+        rate, files = rates.get(start, (None, 0))
+        if rate is not None:
+            values["quarantine_rate"] = rate
+        end = _window_end(start, unit)
+        profiles += [(start, end, BATCH, model.name, model.version, metric, key, value, side.rows(),
+                      computed_at) for metric, key, value in profile_metrics(side)]
+        drifts += [(start, end, BATCH, model.name, model.version, metric, value, limits.get(metric),
+                    side.rows(), baseline.rows(), computed_at) for metric, value in sorted(values.items())]
+        summary.alerts += alerts_for(config, start, values, side.rows(), files)
+        summary.latest_window, summary.latest = start, values
+    summary.windows = len(windows)
+    write_results(spark, config, model, profiles, drifts, summary.alerts, unit)
+    if windows:
+        latest = windows[-1]
+        summary.report_uri = write_report(config, model, baseline,
+                                          Distributions.from_rows(by_window.get(latest, [])), latest,
+                                          summary)
+        summary.textfile = write_textfile(config, model, summary)
+    lakehouse.register_tables(spark, config)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def write_results(spark: SparkSession, config: Config, model: Champion, profiles: list[tuple],
+                  drifts: list[tuple], alerts: list[Alert], unit: str) -> None:
+    """Upsert this run's profiles and drift (a window still open changes); alerts insert-only."""
+    window_keys = ("t.window_start = s.window_start AND t.source = s.source AND t.model_name = s.model_name "
+                   "AND t.model_version = s.model_version AND t.metric = s.metric")
+    upsert = "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+    for table, schema, rows, condition in (
+        ("monitor_profiles", PROFILES_SCHEMA, profiles, window_keys + " AND t.key <=> s.key"),
+        ("monitor_drift", DRIFT_SCHEMA, drifts, window_keys),
+    ):
+        lakehouse.ensure_table(spark, config, table, schema)
+        if rows:
+            lakehouse.merge(config, table, spark.createDataFrame(rows, schema), condition, upsert)
+    lakehouse.ensure_table(spark, config, "alerts", ALERTS_SCHEMA)
+    if alerts:
+        raised_at = datetime.datetime.now()
+        rows = [(a.metric, a.window_start, _window_end(a.window_start, unit), BATCH, model.name,
+                 model.version, a.value, a.threshold, a.severity, raised_at) for a in alerts]
+        lakehouse.merge_new_rows(config, "alerts", spark.createDataFrame(rows, ALERTS_SCHEMA), ALERT_KEYS)
+
+
+# --- pictures, report, Prometheus ---------------------------------------------------------------
+
+
+def plot_drift(baseline: Distributions, window: Distributions, title: str) -> bytes:
+    """Label mix and confidence histograms of a window against the baseline, as PNG bytes."""
+    from imageiq_spark.metrics import figure_png, plt
+
+    fig, (mix, conf) = plt.subplots(1, 2, figsize=(11, 4))
+    base_labels, window_labels = baseline.categories.get("label", {}), window.categories.get("label", {})
+    labels = sorted(set(base_labels) | set(window_labels))
+    b, w = _aligned(base_labels, window_labels)
+    x = np.arange(len(labels))
+    mix.bar(x - 0.2, drift.shares(b), 0.4, label="baseline (val predictions)")
+    mix.bar(x + 0.2, drift.shares(w), 0.4, label="window")
+    mix.set_xticks(x, labels)
+    mix.set_xlabel("predicted label")
+    mix.set_ylabel("share of predictions")
+    mix.legend()
+    edges = np.linspace(0, 1, 21)
+    for side, name in ((baseline, "baseline"), (window, "window")):
+        if "confidence" in side.grids:
+            values, counts = side.grids["confidence"]
+            conf.hist(values, bins=edges, weights=counts / counts.sum(), alpha=0.55, label=name)
+    conf.set_xlabel("confidence")
+    conf.set_ylabel("share of predictions")
+    conf.legend()
+    fig.suptitle(title)
+    return figure_png(fig)
+
+
+def markdown_report(model: Champion, window: datetime.datetime, values: dict[str, float],
+                    limits: dict[str, float | None], alerts: list[Alert], picture: str) -> str:
+    raised = {a.metric for a in alerts if a.window_start == window}
+    lines = [f"# Drift of {model.name} version {model.version}, window {window:%Y-%m-%d %H:%M}", "",
+             f"Baseline: the champion's training data (preprocess version {model.preprocess_version}, "
+             f"prepared before {model.trained_at:%Y-%m-%d %H:%M:%S}).", "",
+             "| metric | value | threshold | alert |", "|---|---|---|---|"]
+    for metric, value in sorted(values.items()):
+        limit = limits.get(metric)
+        lines.append(f"| {metric} | {value:.4f} | {'-' if limit is None else limit} | "
+                     f"{'**yes**' if metric in raised else ''} |")
+    lines += ["", f"![label mix and confidence]({picture})", ""]
+    return "\n".join(lines)
+
+
+def write_report(config: Config, model: Champion, baseline: Distributions, window: Distributions,
+                 start: datetime.datetime, summary: MonitorSummary) -> str:
+    """PNG + Markdown of the latest window under storage.root, also logged to an MLflow run."""
+    import mlflow
+
+    from imageiq_spark.preprocess import write_bytes
+    from imageiq_spark.tracking import configure_mlflow
+
+    picture = "drift.png"
+    png = plot_drift(baseline, window, f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
+    text = markdown_report(model, start, summary.latest, thresholds(config), summary.alerts, picture)
+    folder = lakehouse.lake_path(config, "reports", "monitor", model.name, f"v{model.version}",
+                                 f"{start:%Y%m%dT%H%M}")
+    write_bytes(f"{folder}/{picture}", png)
+    write_bytes(f"{folder}/report.md", text.encode())
+    configure_mlflow(config)
+    with mlflow.start_run(run_name=f"monitor {start:%Y-%m-%d %H:%M}",
+                          tags={"imageiq.stage": "monitor", "model_version": model.version}), \
+            TemporaryDirectory() as tmp:
+        mlflow.log_metrics({k: v for k, v in summary.latest.items() if np.isfinite(v)})
+        (Path(tmp) / picture).write_bytes(png)
+        (Path(tmp) / "report.md").write_text(text)
+        mlflow.log_artifacts(tmp, artifact_path="monitor")
+    return f"{folder}/report.md"
+
+
+def textfile_path(config: Config) -> str | None:
+    if config.monitor.textfile:
+        return config.monitor.textfile
+    root = config.storage.root
+    return None if "://" in root or root.startswith("dbfs:") else str(Path(root) / "monitor" / "imageiq.prom")
+
+
+def write_textfile(config: Config, model: Champion, summary: MonitorSummary) -> str:
+    """The latest window's values in node-exporter's textfile-collector format (written atomically)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    path = textfile_path(config)
+    if path is None:
+        return ""
+    registry = CollectorRegistry()
+    labels = ["metric", "model_name", "model_version"]
+    values = Gauge("imageiq_drift", "Drift of the latest monitored window against the champion's baseline",
+                   labels, registry=registry)
+    breached = Gauge("imageiq_drift_alert", "1 when the metric breaches its threshold in the latest window",
+                     labels, registry=registry)
+    raised = {a.metric for a in summary.alerts}
+    for metric, value in summary.latest.items():
+        values.labels(metric, model.name, model.version).set(value)
+        breached.labels(metric, model.name, model.version).set(1 if metric in raised else 0)
+    Gauge("imageiq_monitor_last_run_timestamp_seconds", "When monitoring last ran",
+          registry=registry).set(time.time())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(path, registry)
+    return path
+

@@ -1,0 +1,177 @@
+"""Perceptual hashes and the duplicates stage on real images made here: a photo and its resized,
+JPEG-60, 5%-cropped and brightened copies are near-duplicates; unrelated photos are not."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+import cv2
+import images
+import numpy as np
+import pytest
+from conftest import make_config
+
+from imageiq_spark import duplicates, ingest, lakehouse, phash, similar
+
+K = 8  # the default duplicates.max_distance
+
+
+def variants(photo: np.ndarray) -> dict[str, bytes]:
+    """The copies of a photo people make: each a different file of the same picture."""
+    h, w = photo.shape[:2]
+    dy, dx = round(h * 0.025), round(w * 0.025)
+    return {
+        "resized": images.png(cv2.resize(photo, (w // 2, h // 2), interpolation=cv2.INTER_AREA)),
+        "jpeg60": images.jpeg(photo, quality=60),
+        "cropped": images.png(np.ascontiguousarray(photo[dy:h - dy, dx:w - dx])),  # 5% of each side
+        "brightened": images.png(cv2.add(photo, np.full_like(photo, 40))),
+    }
+
+
+def photo(seed: int) -> np.ndarray:
+    return images.camera_scene(375, 500, seed)
+
+
+def image_rows(spark, contents: dict[str, bytes]):
+    """`images` rows of files named `<label>/<name>`, with each image's real width and height."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = []
+    for name, data in contents.items():
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        height, width = decoded.shape[:2] if decoded is not None else (0, 0)
+        rows.append((hashlib.sha256(data).hexdigest(), f"file:/src/{name}", name.split("/")[0], "png", width,
+                     height, 3, 8, 1, len(data), None, data, now))
+    return spark.createDataFrame(rows, ingest.IMAGES_SCHEMA)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the hashes
+
+
+def test_copies_of_a_photo_hash_within_k_bits_and_unrelated_photos_do_not():
+    for seed in range(3):
+        original = phash.hash_image(images.jpeg(photo(seed), quality=95))
+        for name, data in variants(photo(seed)).items():
+            copy = phash.hash_image(data)
+            assert phash.hamming(original.phash, copy.phash) <= K, (seed, name)
+        for other in range(10, 16):
+            unrelated = phash.hash_image(images.jpeg(photo(other), quality=95))
+            assert phash.hamming(original.phash, unrelated.phash) > 2 * K, (seed, other)
+
+
+def test_dhash_bits_follow_brightness_left_to_right():
+    rising = np.tile(np.arange(0, 180, 20, dtype=np.uint8), (8, 1))  # 8x9, brighter to the right
+    assert phash.dhash(rising) == -1  # all 64 bits set
+    assert phash.dhash(rising[:, ::-1].copy()) == 0
+    first_row_only = rising.copy()
+    first_row_only[1:] = 7
+    assert phash.dhash(first_row_only) == -(1 << 56)  # the 8 most significant bits
+
+
+def test_pixel_digest_is_equal_for_the_same_pixels_in_other_bytes():
+    picture = photo(1)
+    small = images.encode(picture, "PNG", compress_level=9)
+    large = images.encode(picture, "PNG", compress_level=1)
+    assert small != large
+    assert phash.hash_image(small).pixel_digest == phash.hash_image(large).pixel_digest
+    changed = picture.copy()
+    changed[0, 0, 0] ^= 1
+    assert phash.hash_image(images.png(changed)).pixel_digest != phash.hash_image(small).pixel_digest
+
+
+def test_banded_join_equals_brute_force_hamming_on_2000_hashes(spark):
+    rng = np.random.default_rng(7)
+    base = rng.integers(-(2**63), 2**63 - 1, 1000, dtype=np.int64)
+    # Half again as twins: each a base hash with 0..2K random bits flipped, some in reach, some not.
+    twins = base.copy()
+    for i in range(len(twins)):
+        for bit in rng.choice(64, int(rng.integers(0, 2 * K + 1)), replace=False):
+            twins[i] ^= np.int64(1) << np.int64(bit)
+    hashes = np.concatenate([base, twins])
+    ids = [f"{i:05d}" for i in range(len(hashes))]
+    df = spark.createDataFrame([(i, int(h)) for i, h in zip(ids, hashes)], "image_id string, phash bigint")
+    for k in (3, K):
+        joined = duplicates.hamming_pairs(df, k).collect()
+        expected = duplicates.brute_force_pairs(ids, hashes, k)
+        assert len(expected) > 150
+        assert len(joined) == len({(r[0], r[1]) for r in joined})  # each pair once
+        assert {(r[0], r[1]) for r in joined} == expected
+        assert all(r[2] == phash.hamming(hashes[int(r[0])], hashes[int(r[1])]) for r in joined)
+
+
+def test_components_label_each_image_with_the_smallest_id_of_its_cluster():
+    assert duplicates.components([("c", "d"), ("b", "c"), ("x", "y"), ("a", "y")]) == {
+        "a": "a", "x": "a", "y": "a", "b": "b", "c": "b", "d": "b"}
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    config = make_config(tmp_path_factory.mktemp("duplicates"))
+    contents = {"photo/0": images.jpeg(photo(0), quality=95)}
+    contents.update({f"photo/{name}": data for name, data in variants(photo(0)).items()})
+    # Same pixels in two files: the exact tier.
+    contents["same/small"] = images.encode(photo(1), "PNG", compress_level=9)
+    contents["same/large"] = images.encode(photo(1), "PNG", compress_level=1)
+    contents.update({f"other/{seed}": images.jpeg(photo(seed), quality=95) for seed in range(10, 14)})
+    contents["broken/x"] = b"\x89PNG\r\n\x1a\n" + b"not really a png"
+    # A thumbnail and its brightened copy: under duplicates.min_side, no phash pair.
+    digit = cv2.resize(photo(2), (28, 28), interpolation=cv2.INTER_AREA)
+    contents["small/digit"] = images.png(digit)
+    contents["small/brightened"] = images.png(cv2.add(digit, np.full_like(digit, 40)))
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+    first = duplicates.run(spark, config)
+    second = duplicates.run(spark, config)
+    pairs = lakehouse.read_table(spark, config, "near_duplicates").collect()
+    clusters = {r["image_id"]: r
+                for r in lakehouse.read_table(spark, config, "near_duplicate_clusters").collect()}
+    return config, contents, first, second, pairs, clusters
+
+
+def test_duplicates_finds_each_copy_of_a_photo_and_nothing_unrelated(lake):
+    _, contents, first, _, pairs, clusters = lake
+    ids = {name: sha(data) for name, data in contents.items()}
+    family = {ids[n] for n in ids if n.startswith("photo/")}
+    phash_pairs = {(r["image_id_a"], r["image_id_b"]) for r in pairs if r["tier"] == "phash"}
+    for name in ("resized", "jpeg60", "cropped", "brightened"):
+        pair = tuple(sorted((ids["photo/0"], ids[f"photo/{name}"])))
+        assert pair in phash_pairs, name
+    assert {(r["image_id_a"], r["image_id_b"]) for r in pairs if r["tier"] == "exact"} == {
+        tuple(sorted((ids["same/small"], ids["same/large"])))}
+    unrelated = {ids[n] for n in ids if n.startswith(("other/", "broken/", "small/"))}
+    assert not unrelated & {i for r in pairs for i in (r["image_id_a"], r["image_id_b"])}
+    assert all(r["image_id_a"] < r["image_id_b"] for r in pairs)
+    assert all(r["distance"] <= K for r in pairs)
+    # The family is one cluster named by its smallest id; the exact pair another.
+    assert {i: clusters[i]["cluster_id"] for i in family} == {i: min(family) for i in family}
+    assert {r["cluster_size"] for i, r in clusters.items() if i in family} == {len(family)}
+    assert len(clusters) == len(family) + 2
+    assert first.hashed == len(contents) and first.unreadable == 1
+    assert first.clusters == 2
+
+
+def test_duplicates_rerun_adds_nothing(lake):
+    _, _, first, second, pairs, _ = lake
+    assert second.hashed == 0
+    assert second.new_pairs == 0 and first.new_pairs == len(pairs)
+    assert second.pairs == first.pairs == {
+        tier: sum(r["tier"] == tier for r in pairs) for tier in ("exact", "phash")}
+
+
+def test_similar_without_embeddings_ranks_by_phash_the_image_itself_first(spark, lake):
+    config, contents, _, _, _, _ = lake
+    ids = {name: sha(data) for name, data in contents.items()}
+    result = similar.find_similar(spark, config, ids["photo/0"], k=5)
+    assert result.method == "phash"
+    assert result.neighbours[0].image_id == ids["photo/0"] and result.neighbours[0].similarity == 1.0
+    # The four copies follow, each at most K bits away.
+    assert {n.image_id for n in result.neighbours[1:]} == {ids[f"photo/{name}"] for name in
+                                                           ("resized", "jpeg60", "cropped", "brightened")}
+    assert all(n.similarity >= 1 - K / 64 for n in result.neighbours)

@@ -1,0 +1,227 @@
+"""Monitoring: job_runs, status, drift of real batches against a real champion's baseline.
+
+One lake is ingested, preprocessed, trained (a small CNN on 900 real digits) and scored; each
+scenario then copies its tables into a database of its own, ingests a batch of 250 held-out
+digits (undisturbed, with one class missing, or darkened by 40%), scores it and monitors."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from conftest import make_config
+from scipy import stats
+
+from imageiq_spark import cli, drift, lakehouse, monitor, runs
+from imageiq_spark.config import to_dict
+from imageiq_spark.monitor import Distributions, distribution_counts
+from imageiq_spark.sample_data import load_digits
+
+# The digits come sorted by label: a seeded shuffle gives every set all ten classes.
+ORDER = np.random.default_rng(7).permutation(5000)
+BASE, HELD_OUT = ORDER[:900], ORDER[900:1150]
+SECTIONS = {
+    "preprocess": {"split": {"train": 0.6, "val": 0.4, "test": 0.0}},
+    "train": {"epochs": 6, "patience": 2, "batch_size": 32},
+}
+
+
+def write_digits(folder: Path, indices: np.ndarray, darken: float = 1.0,
+                 skip_label: int | None = None) -> Path:
+    digits, labels = load_digits()
+    for i in indices:
+        if labels[i] == skip_label:
+            continue
+        (folder / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits[i].astype(np.float64) * darken).astype(np.uint8)
+        cv2.imwrite(str(folder / str(labels[i]) / f"{i}.png"), pixels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor")
+    source = write_digits(root / "base", BASE)
+    config = make_config(root, ingest={"source": str(source)}, **SECTIONS)
+    for stage in ("ingest", "preprocess", "train", "score", "monitor"):
+        cli.run_stage(spark, config, stage)
+    return root, config
+
+
+def scenario(spark, trained, name: str, **batch) -> tuple:
+    """A copy of the trained lake that then ingests, scores and monitors one new batch."""
+    root, base = trained
+    config = make_config(root, ingest={"source": str(write_digits(root / name, HELD_OUT, **batch))},
+                         **SECTIONS)
+    for table in ("images", "prepared", "predictions", "model_aliases", "image_profiles"):
+        (lakehouse.read_table(spark, base, table).write.format("delta")
+         .save(lakehouse.table_location(config, table)))
+    for stage in ("ingest", "score"):
+        cli.run_stage(spark, config, stage)
+    return config, cli.run_stage(spark, config, "monitor")
+
+
+def alerted(summary) -> set[str]:
+    return {a.metric for a in summary.alerts}
+
+
+@pytest.fixture(scope="module")
+def missing_class(spark, trained):
+    return scenario(spark, trained, "missing", skip_label=3)
+
+
+def test_a_batch_without_one_class_raises_the_label_mix_alerts_only(missing_class):
+    _, summary = missing_class
+    print(summary.lines())
+    assert alerted(summary) == {"label_psi", "label_js"}
+
+
+def test_alerts_land_in_the_alerts_table_once_per_window_and_metric(spark, missing_class):
+    config, summary = missing_class
+    cli.run_stage(spark, config, "monitor")  # a rerun raises the same breaches, stored once
+    rows = lakehouse.read_table(spark, config, "alerts").collect()
+    assert sorted(r["metric"] for r in rows) == ["label_js", "label_psi"]
+    today = datetime.datetime.combine(datetime.date.today(), datetime.time())
+    assert {r["window_start"] for r in rows} == {today}
+    psi = next(r for r in rows if r["metric"] == "label_psi")
+    assert psi["threshold"] == 0.25 and psi["value"] > psi["threshold"]
+    assert psi["severity"] == ("critical" if psi["value"] > 0.5 else "warning")
+
+
+@pytest.mark.slow
+def test_a_darkened_batch_raises_the_brightness_alert_only(spark, trained):
+    _, summary = scenario(spark, trained, "dark", darken=0.6)
+    print(summary.lines())
+    assert alerted(summary) == {"brightness_ks"}
+
+
+@pytest.mark.slow
+def test_an_undisturbed_held_out_batch_raises_no_alert(spark, trained):
+    _, summary = scenario(spark, trained, "plain")
+    print(summary.lines())
+    assert alerted(summary) == set()
+
+
+def test_a_failed_stage_leaves_a_failed_row_in_job_runs(spark, config):
+    lakehouse.ensure_table(spark, config, "prepared", runs.JOB_RUNS_SCHEMA)  # any table but images
+    with pytest.raises(RuntimeError, match="run `imageiq ingest` first"):
+        cli.run_stage(spark, config, "preprocess")
+    (row,) = lakehouse.read_table(spark, config, "job_runs").collect()
+    assert (row["stage"], row["status"], row["exit_code"]) == ("preprocess", "failed", 1)
+    assert row["error"].startswith("RuntimeError: table images does not exist")
+    assert row["ended_at"] >= row["started_at"]
+    assert row["config_fingerprint"] == runs.config_fingerprint(config)
+    assert row["spark_app_id"] == spark.sparkContext.applicationId
+
+
+def test_job_runs_hold_each_stage_with_its_counts(spark, trained):
+    _, config = trained
+    rows = {r["stage"]: r for r in lakehouse.read_table(spark, config, "job_runs").collect()}
+    assert sorted(rows) == ["ingest", "monitor", "preprocess", "score", "train"]
+    assert all(r["status"] == "succeeded" and r["exit_code"] == 0 for r in rows.values())
+    assert (rows["ingest"]["rows_read"], rows["ingest"]["rows_written"]) == (900, 900)
+    assert (rows["score"]["rows_written"], rows["score"]["model_version"]) == (900, "1")
+    assert rows["train"]["model_name"] == config.mlflow.registered_model
+
+
+def test_status_prints_the_latest_run_of_each_stage_and_what_is_pending(spark, missing_class):
+    config, _ = missing_class
+    summary = runs.status(spark, config)
+    assert [r["stage"] for r in summary.runs] == ["ingest", "score", "monitor"]
+    # The batch's 225 new images were ingested and scored here, never prepared.
+    assert list(summary.pending.values()) == [225, 0]
+    text = "\n".join(summary.lines())
+    assert "not scored by the champion (v1): 0" in text and "monitor    succeeded" in text
+
+
+def test_monitor_tables_hold_profiles_and_drift_of_the_window(spark, missing_class):
+    config, summary = missing_class
+    drift_rows = {r["metric"]: r for r in lakehouse.read_table(spark, config, "monitor_drift").collect()}
+    assert drift_rows["label_psi"]["value"] == pytest.approx(summary.latest["label_psi"])
+    assert drift_rows["label_psi"]["window_rows"] == 225
+    shares = {r["key"]: r["value"] for r in lakehouse.read_table(spark, config, "monitor_profiles")
+              .where("source = 'batch' AND metric = 'label_share'").collect()}
+    assert "3" not in shares and sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_the_prometheus_text_file_holds_the_latest_values(missing_class):
+    _, summary = missing_class
+    text = Path(summary.textfile).read_text()
+    assert "# TYPE imageiq_drift gauge" in text
+    line = next(x for x in text.splitlines() if x.startswith('imageiq_drift_alert{metric="label_psi"'))
+    assert line.endswith(" 1.0")
+    line = next(x for x in text.splitlines() if x.startswith('imageiq_drift_alert{metric="width_ks"'))
+    assert line.endswith(" 0.0")
+
+
+def test_the_drift_report_is_a_picture_and_a_table(missing_class):
+    _, summary = missing_class
+    folder = Path(summary.report_uri.removeprefix("file://")).parent
+    assert (folder / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (folder / "report.md").read_text()
+    assert "| label_psi |" in text and "**yes**" in text
+
+
+# --- the statistics against scipy's, through the Spark aggregation ------------------------------
+
+
+@pytest.fixture(scope="module")
+def samples(spark):
+    """Two confidence samples on the grid and two label samples, counted by Spark."""
+    rng = np.random.default_rng(3)
+    base = np.round(rng.beta(8, 2, 3000), 4)
+    window = np.round(rng.beta(5, 2, 2000), 4)
+    base_labels = rng.choice(list("abcd"), 3000, p=[0.4, 0.3, 0.2, 0.1])
+    window_labels = rng.choice(list("abce"), 2000, p=[0.25, 0.25, 0.25, 0.25])
+    day = datetime.datetime(2026, 12, 1)
+    rows = ([(None, str(label), float(c)) for label, c in zip(base_labels, base)]
+            + [(day, str(label), float(c)) for label, c in zip(window_labels, window)])
+    df = spark.createDataFrame(rows, "window_start timestamp, label string, confidence double")
+    counted = distribution_counts(df).collect()
+    sides = [Distributions.from_rows([r for r in counted if r["window_start"] == when])
+             for when in (None, day)]
+    return base, window, base_labels, window_labels, monitor.drift_metrics(*sides)
+
+
+def test_ks_statistic_equals_scipys(samples):
+    base, window, *_, metrics = samples
+    assert metrics["confidence_ks"] == pytest.approx(stats.ks_2samp(base, window).statistic, abs=1e-12)
+
+
+def test_wasserstein_distance_equals_scipys(samples):
+    base, window, *_, metrics = samples
+    assert metrics["confidence_wasserstein"] == pytest.approx(stats.wasserstein_distance(base, window),
+                                                              rel=1e-9)
+
+
+def test_psi_follows_its_formula_with_unseen_labels_floored(samples):
+    _, _, base_labels, window_labels, metrics = samples
+    labels = ["a", "b", "c", "d", "e"]
+    b = np.array([np.mean(base_labels == x) for x in labels])
+    w = np.array([np.mean(window_labels == x) for x in labels])
+    b, w = np.maximum(b, drift.PSI_FLOOR), np.maximum(w, drift.PSI_FLOOR)
+    assert metrics["label_psi"] == pytest.approx(float(np.sum((w - b) * np.log(w / b))), rel=1e-12)
+
+
+def test_js_distance_equals_scipys(samples):
+    from scipy.spatial.distance import jensenshannon
+
+    _, _, base_labels, window_labels, metrics = samples
+    labels = ["a", "b", "c", "d", "e"]
+    b = [np.sum(base_labels == x) for x in labels]
+    w = [np.sum(window_labels == x) for x in labels]
+    assert metrics["label_js"] == pytest.approx(jensenshannon(b, w, base=2), rel=1e-12)
+
+
+def test_monitor_exits_3_with_fail_on_alert_when_the_newest_window_breaches(
+        missing_class, tmp_path, capsys):
+    config, _ = missing_class
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(to_dict(config)))
+    assert cli.main(["--conf", str(conf), "monitor"]) == 0
+    assert cli.main(["--conf", str(conf), "monitor", "--fail-on-alert"]) == cli.ALERT_EXIT_CODE == 3
+    assert "critical label_psi" in capsys.readouterr().out
