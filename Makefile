@@ -104,9 +104,7 @@ image: jars jars-s3 image-base
 	  -f Containerfile -t $(IMAGE) .
 
 test-image: install image
-	IMAGEIQ_IMAGE=$(IMAGE) CONTAINERS_CONF=$(abspath deploy/container/containers.conf) \
-	  CONTAINERS_STORAGE_CONF=$(abspath deploy/container/storage.conf) \
-	  $(BIN)/pytest -m slow tests/test_image.py --timeout=1800
+	IMAGEIQ_IMAGE=$(IMAGE) $(BIN)/pytest -m slow tests/test_image.py --timeout=1800
 
 clean:
 	rm -rf lake data build dist *.egg-info .pytest_cache

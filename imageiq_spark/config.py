@@ -165,6 +165,11 @@ class TrainConfig:
     reader_workers: int = 2
     #: Rows held in the shuffle buffer of the training stream.
     shuffle_buffer: int = 2048
+    #: A new version takes `champion` only when its val accuracy beats the champion's, on the same
+    #: images, by more than this.
+    promote_margin: float = 0.0
+    #: The lowest val accuracy with which a new version may take `champion`.
+    promote_min_accuracy: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -216,9 +221,9 @@ class ThresholdsConfig:
     """Drift above a threshold raises an alert; null profiles the metric without alerting on it."""
 
     #: Population stability index of the predicted-label mix against the baseline's.
-    label_psi: float | None = 0.25
+    label_psi: float | None = 0.2
     #: Jensen-Shannon distance (base 2, 0..1) of the predicted-label mix against the baseline's.
-    label_js: float | None = 0.2
+    label_js: float | None = 0.12
     #: Kolmogorov-Smirnov statistic of the confidence distribution against the baseline's.
     confidence_ks: float | None = 0.25
     #: Wasserstein distance of the confidence distribution against the baseline's.
@@ -529,6 +534,10 @@ def _validate(config: Any, prefix: str) -> None:
             _require(value > 0, prefix + name, "a positive integer", value)
         _require(config.learning_rate > 0, prefix + "learning_rate", "a positive number",
                  config.learning_rate)
+        _require(config.promote_margin >= 0, prefix + "promote_margin", "a number >= 0",
+                 config.promote_margin)
+        _require(0 <= config.promote_min_accuracy <= 1, prefix + "promote_min_accuracy",
+                 "a number between 0 and 1", config.promote_min_accuracy)
     elif isinstance(config, AugmentConfig):
         for name in ("rotation", "zoom", "brightness", "contrast"):
             value = getattr(config, name)

@@ -102,7 +102,7 @@ class DuplicatesSummary:
     unreadable: int = 0
     pairs: dict[str, int] = field(default_factory=dict)
     new_pairs: int = 0
-    embedding_model: str | None = None
+    embedding_model: tuple[str, str] | None = None  # (name, version) of the embeddings compared
     clusters: int = 0
     clustered_images: int = 0
     elapsed_s: float = 0.0
@@ -116,7 +116,8 @@ class DuplicatesSummary:
             if tier == "embedding" and self.embedding_model is None:
                 lines.append("embedding:    skipped (no embeddings: run `imageiq embed`)")
                 continue
-            extra = f" ({self.embedding_model})" if tier == "embedding" else ""
+            extra = (f" ({self.embedding_model[0]} version {self.embedding_model[1]})"
+                     if tier == "embedding" and self.embedding_model else "")
             lines.append(f"{tier + ':':<13} {self.pairs.get(tier, 0)} pairs{extra}")
         lines += [f"new pairs:    {self.new_pairs}",
                   f"clusters:     {self.clusters} ({self.clustered_images} images)",
@@ -200,15 +201,17 @@ class CosineBlocks:
 
     matrix: object  # Broadcast of (ids, normalised matrix)
     threshold: float
-    block_rows: int = 1024
+    #: Similarities held at once per task (block rows x all images): 128 MB of float32.
+    block_cells: int = 1 << 25
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ids, matrix = self.matrix.value  # type: ignore[attr-defined]
         names = np.asarray(ids, object)
+        step = max(1, min(1024, self.block_cells // max(1, len(ids))))
         for batch in batches:
             rows = np.asarray(batch.column(0).to_numpy(), np.int64)
-            for start in range(0, len(rows), self.block_rows):
-                block = rows[start:start + self.block_rows]
+            for start in range(0, len(rows), step):
+                block = rows[start:start + step]
                 sims = matrix[block] @ matrix.T
                 hit_i, hit_j = np.nonzero(sims >= self.threshold)
                 keep = hit_j > block[hit_i]
@@ -279,8 +282,8 @@ def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
     return inserted, unreadable
 
 
-def latest_embeddings(spark: SparkSession, config: Config) -> tuple[str | None, DataFrame | None]:
-    """('name version N', its (image_id, vector) rows) of the model that embedded last."""
+def latest_embeddings(spark: SparkSession, config: Config) -> tuple[tuple[str, str] | None, DataFrame | None]:
+    """((model name, version), its (image_id, vector) rows) of the model that embedded last."""
     if not lakehouse.table_exists(spark, config, "embeddings"):
         return None, None
     embeddings = lakehouse.read_table(spark, config, "embeddings")
@@ -288,9 +291,9 @@ def latest_embeddings(spark: SparkSession, config: Config) -> tuple[str | None, 
               .orderBy(F.desc("at")).first())
     if latest is None:
         return None, None
-    rows = embeddings.where((F.col("model_name") == latest["model_name"])
-                            & (F.col("model_version") == latest["model_version"]))
-    return f"{latest['model_name']} version {latest['model_version']}", rows.select("image_id", "vector")
+    model = (latest["model_name"], latest["model_version"])
+    rows = embeddings.where((F.col("model_name") == model[0]) & (F.col("model_version") == model[1]))
+    return model, rows.select("image_id", "vector")
 
 
 def read_clusters(spark: SparkSession, config: Config) -> DataFrame | None:

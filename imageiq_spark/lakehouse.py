@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 TABLES = (
     "images", "quarantine", "prepared", "prepared_labels", "prepared_versions", "prepared_stats",
     "predictions", "evaluations", "model_aliases",
-    "job_runs", "image_profiles", "monitor_profiles", "monitor_drift", "alerts",
+    "job_runs", "image_profiles", "monitor_profiles", "monitor_drift", "alerts", "champion_decisions",
     "image_hashes", "near_duplicates", "near_duplicate_clusters", "embeddings", "image_splits",
 )
 CONFLICTS = (

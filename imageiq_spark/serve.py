@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,11 @@ from starlette.exceptions import HTTPException
 
 from imageiq_spark import probe, tracking, transform
 from imageiq_spark.config import Config
+from imageiq_spark.lakehouse import lake_path
 from imageiq_spark.score import predictions_batch
+
+if TYPE_CHECKING:
+    from imageiq_spark.classifier import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class BadInput(Exception):
 class ServedModel:
     """One loaded and warmed model version."""
 
-    classifier: Any  # classifier.ImageClassifier
+    classifier: ImageClassifier
     name: str
     version: str
     run_id: str
@@ -271,11 +275,18 @@ class RequestLog:
             return 0
         day = rows[0]["requested_at"].date().isoformat()
         folder = f"{self.path}/request_date={day}"
-        self.filesystem.create_dir(folder, recursive=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        table = pa.Table.from_pylist(rows, schema=REQUEST_LOG_SCHEMA)
-        pq.write_table(table, f"{folder}/part-{stamp}-{uuid.uuid4().hex[:12]}.parquet",
-                       filesystem=self.filesystem)
+        try:
+            self.filesystem.create_dir(folder, recursive=True)
+            pq.write_table(pa.Table.from_pylist(rows, schema=REQUEST_LOG_SCHEMA),
+                           f"{folder}/part-{stamp}-{uuid.uuid4().hex[:12]}.parquet",
+                           filesystem=self.filesystem)
+        except (OSError, pa.ArrowException) as exc:  # storage away: keep serving, retry later
+            log.warning("request log: could not write %d rows (%s); retrying with the next write",
+                        len(rows), exc)
+            with self._lock:
+                self._rows[:0] = rows[-REQUEST_LOG_ROWS * 10:]  # bounded: the oldest are dropped
+            return 0
         return len(rows)
 
 
@@ -290,10 +301,10 @@ class Server:
         serve = config.serve
         self.batcher = MicroBatcher(serve.max_batch_size, serve.max_wait_ms / 1000,
                                     self.metrics.batch_size.observe)
-        self.request_log = (RequestLog(_lake_uri(config, "request_log")) if serve.request_log
+        self.request_log = (RequestLog(lake_path(config, "request_log")) if serve.request_log
                             else None)
         self.failed: BaseException | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
 
     @property
     def follows_alias(self) -> bool:
@@ -385,15 +396,10 @@ class Server:
             now = datetime.datetime.now(datetime.timezone.utc)
             logged = [{**row, "route": route, "size_bytes": len(data), "requested_at": now}
                       for row, data in zip(rows, contents)]
-            if self.request_log.add(logged):
-                await asyncio.to_thread(self.request_log.flush)
+            if self.request_log.add(logged):  # written beside the requests, not in their way
+                self._tasks = [task for task in self._tasks if not task.done()]
+                self._tasks.append(asyncio.create_task(asyncio.to_thread(self.request_log.flush)))
         return model, rows, probs
-
-
-def _lake_uri(config: Config, *parts: str) -> str:
-    from imageiq_spark.lakehouse import lake_path
-
-    return lake_path(config, *parts)
 
 
 async def read_body(request: Any, limit: int) -> bytes:

@@ -98,9 +98,12 @@ def find_similar(spark: SparkSession, config: Config, query: str, k: int = 10) -
 
     model, vectors = duplicates.latest_embeddings(spark, config)
     if vectors is not None:
-        method = f"embedding ({model})"
+        method = f"embedding ({model[0]} version {model[1]})" if model else "embedding"
         stored = vectors.where(F.col("image_id") == query_id).collect() if query_id else []
-        target = np.asarray(stored[0]["vector"] if stored else _embed(config, model, data), np.float64)
+        if stored:
+            target = np.asarray(stored[0]["vector"], np.float64)
+        else:  # a file, or an image not embedded yet
+            target = _embed(config, model, data if data is not None else _content(images, query_id))
         scored = vectors.select("image_id", cosine_column(F.col("vector"), target).alias("similarity"))
     else:
         method = "phash"
@@ -133,17 +136,17 @@ def _content(images: DataFrame, image_id: str | None) -> bytes:
     return bytes(images.where(F.col("image_id") == image_id).select("content").first()["content"])
 
 
-def _embed(config: Config, model: str | None, data: bytes | None) -> np.ndarray:
+def _embed(config: Config, model: tuple[str, str] | None, data: bytes) -> np.ndarray:
     """The query file's vector from the model that made the embeddings (loaded on the driver)."""
     from imageiq_spark.classifier import load_classifier
     from imageiq_spark.embed import Embedder
     from imageiq_spark.tracking import configure_mlflow
     from imageiq_spark.transform import prepare_image
 
-    name, _, version = (model or "").rpartition(" version ")
+    name, version = model or ("", "")
     configure_mlflow(config)
     embedder = Embedder(load_classifier(f"models:/{name}/{version}"))
-    return embedder.embed_tensors(prepare_image(data or b"", embedder.spec)[None])[0]
+    return embedder.embed_tensors(prepare_image(data, embedder.spec)[None])[0].astype(np.float64)
 
 
 def contact_sheet(result: SimilarResult, contents: dict[str, bytes], query_bytes: bytes) -> bytes:

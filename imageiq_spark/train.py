@@ -17,8 +17,8 @@ Each epoch the chief worker writes a checkpoint (weights, best weights, early-st
 history) under `<storage.root>/checkpoints/train/<key>`; a crashed run started again with the
 same config and data resumes there, in the same MLflow run. Early stopping on validation loss
 restores the best weights. The model is logged as a self-contained pyfunc, registered under
-`mlflow.registered_model`, and takes alias `champion` only if its validation accuracy beats the
-current champion's, else `challenger`.
+`mlflow.registered_model`, and takes alias `champion` only if it beats the current champion on
+the same val images (`imageiq_spark.champion`), else `challenger`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pyspark import BarrierTaskContext  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from imageiq_spark import lakehouse, models, readers  # noqa: E402
+from imageiq_spark import champion, lakehouse, models, readers  # noqa: E402
 from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
 from imageiq_spark.runs import RunCounts  # noqa: E402
 
@@ -124,6 +124,7 @@ class TrainSummary:
     val_accuracy: float
     val_loss: float
     champion_val_accuracy: float | None
+    gate_reason: str
     prepared_version: int
     train_rows: int
     val_rows: int
@@ -144,8 +145,9 @@ class TrainSummary:
             f"{self.val_rows} val images",
             f"epochs run: {self.epochs_run}{resumed}, best epoch {self.best_epoch + 1}",
             f"best val accuracy: {self.val_accuracy:.4f}, val loss: {self.val_loss:.4f}",
-            f"registered version: {self.version}, alias: {self.alias} (previous champion val "
-            f"accuracy: {previous})",
+            f"registered version: {self.version}, alias: {self.alias} (champion's val accuracy "
+            f"on the same images: {previous})",
+            f"gate: {self.gate_reason}",
             f"mlflow run: {self.run_id}",
             f"elapsed: {self.elapsed_s:.1f} s",
         ]
@@ -387,24 +389,6 @@ def evaluate_split(classifier: Any, source: readers.SplitSource) -> tuple[float,
     return correct / rows, loss / rows
 
 
-def choose_alias(client: Any, name: str, version: str, val_accuracy: float) -> tuple[str, float | None]:
-    """`champion` when the new version beats the current champion's val accuracy, else `challenger`."""
-    from mlflow.exceptions import MlflowException
-
-    from imageiq_spark.tracking import CHALLENGER, CHAMPION
-
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    previous = None
-    if current is not None and current.version != version:
-        previous = client.get_run(current.run_id).data.metrics.get("best_val_accuracy")
-    if current is None or previous is None or val_accuracy > previous:
-        return CHAMPION, previous
-    return CHALLENGER, previous
-
-
 def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = ()) -> TrainSummary:
     """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training)."""
     from imageiq_spark import preprocess
@@ -504,7 +488,10 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
         registered = str(info.registered_model_version)
         client = MlflowClient()
         name = config.mlflow.registered_model
-        alias, champion_accuracy = choose_alias(client, name, registered, val_accuracy)
+        decision = champion.decide(spark, config, name, registered, run_id, version, spec.version)
+        champion.record(spark, config, name, registered, decision)
+        alias = decision.alias
+        champion_accuracy = None if decision.champion is None else decision.champion.get("val", (None, 0))[0]
         client.set_registered_model_alias(name, alias, registered)
         mlflow.set_tag("registered_model_version", registered)
         mlflow.set_tag("alias", alias)
@@ -514,6 +501,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
         model=task.spec.architecture, run_id=run_id, version=registered, alias=alias,
         epochs_run=state.epochs_done, resumed_from=resumed_from, best_epoch=state.best_epoch,
         val_accuracy=val_accuracy, val_loss=val_loss, champion_val_accuracy=champion_accuracy,
+        gate_reason=decision.reason,
         prepared_version=version, train_rows=task.train.rows, val_rows=task.val.rows,
         workers=task.workers, reader=task.train.reader, elapsed_s=time.monotonic() - started,
     )

@@ -83,6 +83,7 @@ def test_pixel_digest_is_equal_for_the_same_pixels_in_other_bytes():
     assert phash.hash_image(images.png(changed)).pixel_digest != phash.hash_image(small).pixel_digest
 
 
+@pytest.mark.slow  # the stage test covers the join end to end; this one checks it pair by pair
 def test_banded_join_equals_brute_force_hamming_on_2000_hashes(spark):
     rng = np.random.default_rng(7)
     base = rng.integers(-(2**63), 2**63 - 1, 1000, dtype=np.int64)
@@ -101,6 +102,26 @@ def test_banded_join_equals_brute_force_hamming_on_2000_hashes(spark):
         assert len(joined) == len({(r[0], r[1]) for r in joined})  # each pair once
         assert {(r[0], r[1]) for r in joined} == expected
         assert all(r[2] == phash.hamming(hashes[int(r[0])], hashes[int(r[1])]) for r in joined)
+
+
+def test_cosine_pairs_equal_every_pair_above_the_threshold(spark):
+    rng = np.random.default_rng(3)
+    vectors = np.abs(rng.normal(size=(300, 16))).astype(np.float32)
+    vectors[150:] = vectors[:150] + rng.normal(0, 0.08, (150, 16)).astype(np.float32)  # twins
+    vectors[7] = 0.0  # a zero vector is similar to nothing
+    ids = [f"{i:03d}" for i in range(len(vectors))]
+    df = spark.createDataFrame([(i, v.tolist()) for i, v in zip(ids, vectors)],
+                               "image_id string, vector array<float>")
+    found = {(r[0], r[1]): r[2] for r in duplicates.cosine_pairs(spark, df, 0.97).collect()}
+    unit = vectors.astype(np.float64) / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sims = unit @ unit.T
+    pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))]
+    expected = {(ids[i], ids[j]) for i, j in pairs if sims[i, j] >= 0.97}
+    # Float32 rounding may decide pairs within a hair of the threshold either way.
+    undecided = {(ids[i], ids[j]) for i, j in pairs if abs(sims[i, j] - 0.97) < 1e-5}
+    assert 100 < len(expected) < 2000
+    assert set(found) - undecided == expected - undecided
+    assert all(found[(a, b)] == pytest.approx(sims[int(a), int(b)], abs=1e-5) for a, b in found)
 
 
 def test_components_label_each_image_with_the_smallest_id_of_its_cluster():

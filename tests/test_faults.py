@@ -146,6 +146,7 @@ def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp
     assert summary.new_images == 19
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path, source):
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)
@@ -170,6 +171,7 @@ def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path,
     assert prepared(config).count() == 20
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_score_killed_mid_run_and_rerun_scores_every_image_exactly_once(spark, tmp_path, source):
     config = make_config(tmp_path, ingest={"source": str(source)}, train={"epochs": 1, "batch_size": 8})
     ingest.run(spark, config)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import cv2
 import pytest
@@ -21,6 +22,10 @@ from imageiq_spark.classifier import load_classifier
 from imageiq_spark.sample_data import load_digits
 
 IMAGE = os.environ.get("IMAGEIQ_IMAGE", "localhost/imageiq:0.1.0")
+CONTAINER = Path(__file__).resolve().parents[1] / "deploy" / "container"
+# The podman settings `make image` builds with (runc, cgroupfs, vfs storage).
+os.environ.setdefault("CONTAINERS_CONF", str(CONTAINER / "containers.conf"))
+os.environ.setdefault("CONTAINERS_STORAGE_CONF", str(CONTAINER / "storage.conf"))
 
 
 def _image_exists() -> bool:

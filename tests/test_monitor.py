@@ -24,9 +24,16 @@ from imageiq_spark.sample_data import load_digits
 # The digits come sorted by label: a seeded shuffle gives every set all ten classes.
 ORDER = np.random.default_rng(7).permutation(5000)
 BASE, HELD_OUT = ORDER[:900], ORDER[900:1150]
+WITHOUT_THREES = int(np.sum(load_digits()[1][HELD_OUT] != 3))
+# A champion whose preprocessing equalises contrast (CLAHE), as one should have for images whose
+# exposure varies: a darkened batch then changes the images' brightness, not what it predicts.
+# Thresholds for windows of a few hundred images: the label mix alerts on PSI alone (the
+# Jensen-Shannon distance of 250 images is too noisy to alert on, so it is only profiled).
 SECTIONS = {
-    "preprocess": {"split": {"train": 0.6, "val": 0.4, "test": 0.0}},
-    "train": {"epochs": 6, "patience": 2, "batch_size": 32},
+    "preprocess": {"split": {"train": 0.6, "val": 0.4, "test": 0.0}, "enhance": ["clahe"]},
+    "train": {"epochs": 15, "patience": 3, "batch_size": 32, "learning_rate": 0.002,
+              "augment": {"contrast": 0.5}},
+    "monitor": {"thresholds": {"label_psi": 0.12, "label_js": None}},
 }
 
 
@@ -77,19 +84,19 @@ def missing_class(spark, trained):
 def test_a_batch_without_one_class_raises_the_label_mix_alerts_only(missing_class):
     _, summary = missing_class
     print(summary.lines())
-    assert alerted(summary) == {"label_psi", "label_js"}
+    assert alerted(summary) == {"label_psi"}
 
 
 def test_alerts_land_in_the_alerts_table_once_per_window_and_metric(spark, missing_class):
     config, summary = missing_class
     cli.run_stage(spark, config, "monitor")  # a rerun raises the same breaches, stored once
     rows = lakehouse.read_table(spark, config, "alerts").collect()
-    assert sorted(r["metric"] for r in rows) == ["label_js", "label_psi"]
+    assert [r["metric"] for r in rows] == ["label_psi"]
     today = datetime.datetime.combine(datetime.date.today(), datetime.time())
     assert {r["window_start"] for r in rows} == {today}
     psi = next(r for r in rows if r["metric"] == "label_psi")
-    assert psi["threshold"] == 0.25 and psi["value"] > psi["threshold"]
-    assert psi["severity"] == ("critical" if psi["value"] > 0.5 else "warning")
+    assert psi["threshold"] == 0.12 and psi["value"] > psi["threshold"]
+    assert psi["severity"] == ("critical" if psi["value"] > 0.24 else "warning")
 
 
 @pytest.mark.slow
@@ -132,8 +139,8 @@ def test_status_prints_the_latest_run_of_each_stage_and_what_is_pending(spark, m
     config, _ = missing_class
     summary = runs.status(spark, config)
     assert [r["stage"] for r in summary.runs] == ["ingest", "score", "monitor"]
-    # The batch's 225 new images were ingested and scored here, never prepared.
-    assert list(summary.pending.values()) == [225, 0]
+    # The batch's new images were ingested and scored here, never prepared.
+    assert list(summary.pending.values()) == [WITHOUT_THREES, 0]
     text = "\n".join(summary.lines())
     assert "not scored by the champion (v1): 0" in text and "monitor    succeeded" in text
 
@@ -142,7 +149,7 @@ def test_monitor_tables_hold_profiles_and_drift_of_the_window(spark, missing_cla
     config, summary = missing_class
     drift_rows = {r["metric"]: r for r in lakehouse.read_table(spark, config, "monitor_drift").collect()}
     assert drift_rows["label_psi"]["value"] == pytest.approx(summary.latest["label_psi"])
-    assert drift_rows["label_psi"]["window_rows"] == 225
+    assert drift_rows["label_psi"]["window_rows"] == WITHOUT_THREES
     shares = {r["key"]: r["value"] for r in lakehouse.read_table(spark, config, "monitor_profiles")
               .where("source = 'batch' AND metric = 'label_share'").collect()}
     assert "3" not in shares and sum(shares.values()) == pytest.approx(1.0)
@@ -219,9 +226,9 @@ def test_js_distance_equals_scipys(samples):
 
 def test_monitor_exits_3_with_fail_on_alert_when_the_newest_window_breaches(
         missing_class, tmp_path, capsys):
-    config, _ = missing_class
+    config, summary = missing_class
     conf = tmp_path / "conf.yaml"
     conf.write_text(yaml.safe_dump(to_dict(config)))
     assert cli.main(["--conf", str(conf), "monitor"]) == 0
     assert cli.main(["--conf", str(conf), "monitor", "--fail-on-alert"]) == cli.ALERT_EXIT_CODE == 3
-    assert "critical label_psi" in capsys.readouterr().out
+    assert f"label_psi = {summary.latest['label_psi']:.4f} > 0.12" in capsys.readouterr().out

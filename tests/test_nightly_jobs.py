@@ -39,6 +39,7 @@ def test_nightly_train_rejects_the_score_only_model_option():
     assert "unrecognized arguments: --model" in result.stderr
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_manual_spark_submit_lines_run_the_nightly_jobs_locally(tmp_path):
     from imageiq_spark.sample_data import write_sample_data
 
@@ -47,7 +48,8 @@ def test_manual_spark_submit_lines_run_the_nightly_jobs_locally(tmp_path):
               "--set", "train.epochs=2"]
     trained = run_job("nightly_train", *common, "--source", str(tmp_path / "sample"), spark_submit=True)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert re.findall(r"^== (\w+)$", trained.stdout, re.M) == ["ingest", "preprocess", "train", "evaluate"]
+    assert re.findall(r"^== (\w+)$", trained.stdout, re.M) == ["ingest", "duplicates", "preprocess", "train",
+                                                                "evaluate"]
     assert re.search(r"^new images:\s+80$", trained.stdout, re.M)
     assert "registered version: 1, alias: champion" in trained.stdout
 

@@ -63,6 +63,7 @@ def png_count(notebook: nbformat.NotebookNode) -> int:
     return sum("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_data_exploration_ingests_and_pictures_the_sample(overrides):
     notebook = execute("data_exploration.ipynb",
                        f"OVERRIDES = {overrides!r}\nSAMPLE_PER_CLASS = {PER_CLASS}\nGRID_SIZE = 16")
@@ -87,6 +88,7 @@ def test_model_training_trains_registers_and_plots_curves(overrides):
     assert "[('1', ['champion']," in text
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_model_evaluation_fills_the_table_and_draws_the_confusion_matrix(overrides):
     notebook = execute("model_evaluation.ipynb", f"OVERRIDES = {overrides!r}\nMODEL_URI = None")
     text = text_of(notebook)

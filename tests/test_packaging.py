@@ -44,6 +44,7 @@ def test_wheel_holds_the_package_entry_point_and_pinned_requirements(wheel):
     assert not any(n.startswith(("tests/", "jobs/", "benchmarks/")) for n in names)
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_wheel_installs_into_a_clean_venv_and_imageiq_help_runs(wheel, tmp_path):
     env = tmp_path / "venv"
     venv.create(env, with_pip=True)

@@ -114,6 +114,14 @@ def test_worse_model_does_not_take_champion(spark, lake, champion):
     rows = lakehouse.read_table(spark, config, "model_aliases").collect()
     aliases = {r.alias: r.model_version for r in rows}
     assert aliases == {"champion": champion.version, "challenger": summary.version}
+    decisions = {r.split: r for r in lakehouse.read_table(spark, config, "champion_decisions")
+                 .where(f"candidate_version = '{summary.version}'").collect()}
+    assert sorted(decisions) == ["test", "val"]
+    val = decisions["val"]
+    assert (val.decision, val.champion_version) == ("rejected", champion.version)
+    assert val.candidate_accuracy == pytest.approx(summary.val_accuracy)
+    assert val.champion_accuracy == pytest.approx(summary.champion_val_accuracy)
+    assert client.get_run(summary.run_id).data.tags["gate_decision"] == "rejected"
 
 
 def _rows(source: readers.SplitSource) -> list[tuple[int, bytes]]:
@@ -173,3 +181,29 @@ def test_crashed_run_resumes_from_its_checkpoint_in_the_same_run(spark, lake):
     assert summary.run_id == crashed[0].info.run_id
     assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [0, 1, 2, 3]
     assert client.get_run(summary.run_id).info.status == "FINISHED"
+
+
+def _accuracy_on_current_val(spark, config, model_uri: str) -> float:
+    """The model's accuracy on the val images of `prepared` now, from their raw bytes."""
+    rows = (preprocess.read_prepared(spark, config, splits=["val"]).select("image_id", "label")
+            .join(lakehouse.read_table(spark, config, "images").select("image_id", "content"), "image_id")
+            .collect())
+    classifier = load_classifier(model_uri)
+    probabilities, _ = classifier.predict_bytes([bytes(r.content) for r in rows])
+    predicted = [classifier.labels[i] for i in probabilities.argmax(axis=1)]
+    return float(np.mean([p == r.label for p, r in zip(predicted, rows)]))
+
+
+@pytest.mark.slow
+def test_the_gate_scores_the_champion_on_the_new_val_images_not_its_old_figure(spark, lake, champion):
+    root, config = lake
+    recorded = MlflowClient().get_run(champion.run_id).data.metrics["best_val_accuracy"]
+    write_sample_data(root / "src", per_class=35)  # 15 new digits per class: a larger val split
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+    current = _accuracy_on_current_val(spark, config, f"models:/digits/{champion.version}")
+    assert current != pytest.approx(recorded)  # the old figure is stale on the new val split
+
+    summary = train.run(spark, config.with_overrides({"train.epochs": 2}))
+
+    assert summary.champion_val_accuracy == pytest.approx(current)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import make_config
 from mlflow.tracking import MlflowClient
 
@@ -12,6 +13,7 @@ from imageiq_spark.sample_data import write_sample_data
 from imageiq_spark.tracking import configure_mlflow
 
 
+@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_two_barrier_workers_train_in_lockstep_and_register_a_model(spark, tmp_path):
     write_sample_data(tmp_path / "src", per_class=12)
     config = make_config(

@@ -1,0 +1,150 @@
+"""The champion gate: a newly trained version takes the `champion` alias only by beating the
+current champion on equal terms.
+
+Both models score the very same images, the val and test splits of the `prepared` snapshot the
+new version was trained on, from their raw bytes through their own preprocessing (the champion
+may be of an older preprocess version), with the same distributed path as `score`. A figure the
+champion got on its own validation set, possibly another one, is never compared. The new version
+is promoted when its val accuracy is at least `train.promote_min_accuracy` and beats the
+champion's by more than `train.promote_margin`; test accuracy is reported beside it, never used
+to decide. Each decision lands in `champion_decisions` (one row per split) and on the new run.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType
+
+from imageiq_spark import lakehouse
+from imageiq_spark.config import Config
+
+DECISIONS_SCHEMA = StructType(
+    [
+        StructField("model_name", StringType(), False),
+        StructField("candidate_version", StringType(), False),
+        StructField("champion_version", StringType(), True),
+        StructField("split", StringType(), False),
+        StructField("images", LongType(), False),
+        StructField("candidate_accuracy", DoubleType(), False),
+        StructField("champion_accuracy", DoubleType(), True),
+        StructField("margin", DoubleType(), False),
+        StructField("min_accuracy", DoubleType(), False),
+        StructField("decision", StringType(), False),
+        StructField("reason", StringType(), False),
+        StructField("decided_at", TimestampType(), False),
+    ]
+)
+GATE_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str
+    reason: str
+    candidate: dict[str, tuple[float, int]]  # split -> (accuracy, images)
+    champion: dict[str, tuple[float, int]] | None
+    champion_version: str | None
+
+    @property
+    def promoted(self) -> bool:
+        from imageiq_spark.tracking import CHAMPION
+
+        return self.alias == CHAMPION
+
+
+def split_accuracies(rows: DataFrame, config: Config, name: str, version: str, run_id: str
+                     ) -> dict[str, tuple[float, int]]:
+    """(image_id, content, split, label) rows -> {split: (accuracy, images)} of one registered version,
+    scored from the raw bytes like `score` does. An image it cannot predict counts as wrong."""
+    from imageiq_spark.score import RegistryLoader, score_contents
+
+    pinned = f"models:/{name}/{version}"
+    scored = score_contents(rows, RegistryLoader(config, pinned, key=f"{pinned}#{run_id}"), top_k=1)
+    result = (rows.select("image_id", "split", "label").join(scored.select("image_id", "predicted_label"),
+                                                            "image_id", "left")
+              .groupBy("split")
+              .agg(F.avg(F.coalesce(F.col("predicted_label") == F.col("label"), F.lit(False)).cast("double"))
+                   .alias("accuracy"), F.count("*").alias("images"))
+              .collect())
+    return {r["split"]: (float(r["accuracy"]), int(r["images"])) for r in result}
+
+
+def judge(candidate: float, champion: float | None, margin: float, min_accuracy: float) -> tuple[bool, str]:
+    """(promote?, why) from the two val accuracies on the same images."""
+    if candidate < min_accuracy:
+        return False, f"val accuracy {candidate:.4f} is under train.promote_min_accuracy {min_accuracy}"
+    if champion is None:
+        return True, "no champion yet"
+    if candidate > champion + margin:
+        return True, f"val accuracy {candidate:.4f} beats the champion's {champion:.4f} by more than {margin}"
+    return False, (f"val accuracy {candidate:.4f} does not beat the champion's {champion:.4f} on the same "
+                   f"images by more than {margin}")
+
+
+def gate_images(spark: SparkSession, config: Config, prepared_version: int, preprocess_version: str
+                ) -> DataFrame:
+    """(image_id, content, split, label) of the labelled val and test images of a prepared snapshot."""
+    splits = (spark.read.format("delta").option("versionAsOf", prepared_version)
+              .load(lakehouse.table_location(config, "prepared"))
+              .where((F.col("preprocess_version") == preprocess_version) & F.col("label_index").isNotNull()
+                     & F.col("split").isin(*GATE_SPLITS))
+              .select("image_id", "split", "label"))
+    images = lakehouse.read_table(spark, config, "images").select("image_id", "content")
+    return images.join(splits, "image_id")
+
+
+def decide(spark: SparkSession, config: Config, name: str, version: str, run_id: str,
+           prepared_version: int, preprocess_version: str) -> Decision:
+    """Score the new version and the current champion on the same images and choose the alias."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from imageiq_spark.tracking import CHALLENGER, CHAMPION
+
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == str(version):
+        current = None
+    images = gate_images(spark, config, prepared_version, preprocess_version).cache()
+    try:
+        candidate = split_accuracies(images, config, name, version, run_id)
+        champion = (None if current is None else
+                    split_accuracies(images, config, name, str(current.version), current.run_id))
+    finally:
+        images.unpersist()
+    val = candidate.get("val", (0.0, 0))[0]
+    champion_val = None if champion is None else champion.get("val", (0.0, 0))[0]
+    promote, reason = judge(val, champion_val, config.train.promote_margin, config.train.promote_min_accuracy)
+    return Decision(CHAMPION if promote else CHALLENGER, reason, candidate, champion,
+                    None if current is None else str(current.version))
+
+
+def record(spark: SparkSession, config: Config, name: str, version: str, decision: Decision) -> None:
+    """One `champion_decisions` row per split, and the figures on the new version's MLflow run."""
+    import mlflow
+
+    decided_at = datetime.datetime.now()
+    rows = [(name, version, decision.champion_version, split, images, accuracy,
+             None if decision.champion is None else decision.champion.get(split, (None, 0))[0],
+             config.train.promote_margin, config.train.promote_min_accuracy,
+             "promoted" if decision.promoted else "rejected", decision.reason, decided_at)
+            for split, (accuracy, images) in sorted(decision.candidate.items())]
+    lakehouse.ensure_table(spark, config, "champion_decisions", DECISIONS_SCHEMA)
+    if rows:
+        lakehouse.merge_new_rows(config, "champion_decisions", spark.createDataFrame(rows, DECISIONS_SCHEMA),
+                                 ["model_name", "candidate_version", "split"])
+    metrics = {f"gate_{split}_accuracy": accuracy for split, (accuracy, _) in decision.candidate.items()}
+    if decision.champion is not None:
+        metrics.update({f"gate_champion_{split}_accuracy": accuracy
+                        for split, (accuracy, _) in decision.champion.items()})
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags({"gate_decision": "promoted" if decision.promoted else "rejected",
+                     "gate_reason": decision.reason,
+                     "gate_champion_version": decision.champion_version or ""})
