@@ -56,6 +56,8 @@ demo: install jars
 	  WHERE split = 'test' AND metric = 'accuracy' AND class IS NULL ORDER BY model_version"
 	$(BIN)/imageiq sql "SELECT predicted_label, count(*) AS images, round(avg(confidence), 3) AS mean_confidence \
 	  FROM imageiq.latest_predictions GROUP BY predicted_label ORDER BY predicted_label"
+	$(BIN)/imageiq monitor
+	$(BIN)/imageiq status
 
 bench: install jars
 	$(BIN)/python -m benchmarks.run

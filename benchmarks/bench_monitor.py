@@ -87,8 +87,8 @@ def run(workdir: Path) -> str:
         counted = monitor.distribution_counts(monitor.population(spark, config, model, since)).collect()
         windows: dict = {}
         for row in counted:
-            windows.setdefault(row["window_start"], []).append(row)
-        baseline = monitor.Distributions.from_rows(windows.pop(None))
+            windows.setdefault((row["source"], row["window_start"]), []).append(row)
+        baseline = monitor.Distributions.from_rows(windows.pop((monitor.BASELINE, None)))
         for rows in windows.values():
             monitor.drift_metrics(baseline, monitor.Distributions.from_rows(rows))
 

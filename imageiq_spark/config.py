@@ -257,7 +257,7 @@ class MonitorConfig:
     #: A breach over this many times its threshold is `critical`, under it `warning`.
     critical_factor: float = 2.0
     #: Prometheus text file (node-exporter textfile collector) with the latest window's values;
-    #: empty means `<storage.root>/monitor/imageiq.prom` when storage.root is a local path.
+    #: empty means `<storage.root>/monitor/<catalog.database>.prom` when storage.root is a local path.
     textfile: str = ""
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
 

@@ -98,6 +98,8 @@ CATEGORICAL = ("label", "format", "correct")
 PROFILE_SIDE = 256
 BASELINE = "baseline"
 BATCH = "batch"
+#: Predictions `imageiq serve` logged (serve.request_log), a second source of windows.
+ONLINE = "online"
 
 
 # --- per image: brightness, contrast, sharpness ------------------------------------------------
@@ -164,8 +166,8 @@ def profile_images(images: DataFrame) -> DataFrame:
 
 
 def distribution_counts(rows: DataFrame) -> DataFrame:
-    """Rows with a `window_start` and any of the CATEGORICAL / QUANTUM columns -> counts per
-    (window_start, variable, category, bin), in one aggregation. A continuous value v is counted
+    """Rows with a `source`, a `window_start` and any of the CATEGORICAL / QUANTUM columns -> counts
+    per (source, window_start, variable, category, bin), in one aggregation. A continuous value v is counted
     at bin round(v / quantum); nulls are not counted."""
     entries: list[Column] = []
     for name in CATEGORICAL:
@@ -178,9 +180,9 @@ def distribution_counts(rows: DataFrame) -> DataFrame:
             entries.append(F.struct(F.lit(name).alias("variable"),
                                     F.lit(None).cast("string").alias("category"),
                                     F.round(F.col(name) / quantum).cast("long").alias("bin")))
-    return (rows.select("window_start", F.explode(F.array(*entries)).alias("e"))
+    return (rows.select("source", "window_start", F.explode(F.array(*entries)).alias("e"))
             .where(F.col("e.category").isNotNull() | F.col("e.bin").isNotNull())
-            .groupBy("window_start", "e.variable", "e.category", "e.bin").count())
+            .groupBy("source", "window_start", "e.variable", "e.category", "e.bin").count())
 
 
 @dataclass
@@ -317,9 +319,9 @@ def _window_end(start: datetime.datetime, unit: str) -> datetime.datetime:
 
 def population(spark: SparkSession, config: Config, model: Champion, since: datetime.datetime
                ) -> DataFrame:
-    """Window rows and baseline rows (window_start null) with the columns `distribution_counts`
-    counts: the champion's predictions outside its baseline, its val predictions, and the
-    properties of its training images."""
+    """Window rows (source `batch`, and `online` from the serving log) and baseline rows (window_start
+    null) with the columns `distribution_counts` counts: the champion's predictions outside its
+    baseline, its val predictions, and the properties of its training images."""
     images = lakehouse.read_table(spark, config, "images").select("image_id", "label", "format", "width",
                                                                   "height")
     profiles = lakehouse.read_table(spark, config, "image_profiles").select(
@@ -348,10 +350,31 @@ def population(spark: SparkSession, config: Config, model: Champion, since: date
                     .join(splits.where(F.col("split") == "train"), "image_id", "left_semi")
                     .join(profiles, "image_id", "left"))
     no_window = F.lit(None).cast("timestamp").alias("window_start")
-    return (window_rows.drop("image_id")
-            .unionByName(val.select(no_window, "label", "confidence", "correct"), allowMissingColumns=True)
-            .unionByName(train_images.select(no_window, "format", "width", "height", "brightness",
+    baseline = F.lit(BASELINE).alias("source")
+    rows = (window_rows.drop("image_id").withColumn("source", F.lit(BATCH))
+            .unionByName(val.select(baseline, no_window, "label", "confidence", "correct"),
+                         allowMissingColumns=True)
+            .unionByName(train_images.select(baseline, no_window, "format", "width", "height", "brightness",
                                              "contrast", "sharpness"), allowMissingColumns=True))
+    online = online_predictions(spark, config, model)
+    if online is not None:
+        rows = rows.unionByName(
+            online.select(F.lit(ONLINE).alias("source"),
+                          window_start("requested_at", unit).alias("window_start"),
+                          F.col("predicted_label").alias("label"), "confidence")
+            .where(F.col("window_start") >= F.lit(since)), allowMissingColumns=True)
+    return rows
+
+
+def online_predictions(spark: SparkSession, config: Config, model: Champion) -> DataFrame | None:
+    """The champion's predictions in the serving request log, or None when nothing was logged."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        logged = spark.read.parquet(lakehouse.lake_path(config, "request_log"))
+    except AnalysisException:  # no log folder: the server never logged, or request_log is off
+        return None
+    return logged.where((F.col("model_name") == model.name) & (F.col("model_version") == model.version))
 
 
 def quarantine_rates(spark: SparkSession, config: Config, since: datetime.datetime
@@ -384,6 +407,7 @@ def update_image_profiles(spark: SparkSession, config: Config) -> int:
 @dataclass(frozen=True)
 class Alert:
     metric: str
+    source: str
     window_start: datetime.datetime
     value: float
     threshold: float
@@ -404,9 +428,8 @@ class MonitorSummary:
     elapsed_s: float = 0.0
 
     def latest_alerts(self) -> list[Alert]:
-        """Breaches in the newest window: what a scheduler pages on (older ones already did)."""
-        newest = max((a.window_start for a in self.alerts), default=None)
-        return [a for a in self.alerts if a.window_start == newest and newest == self.latest_window]
+        """Breaches in the newest batch window: what a scheduler pages on (older ones already did)."""
+        return [a for a in self.alerts if a.source == BATCH and a.window_start == self.latest_window]
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.windows, written=len(self.alerts), model_name=self.model_name,
@@ -420,7 +443,7 @@ class MonitorSummary:
             lines.append(f"latest window ({self.latest_window:%Y-%m-%d %H:%M}): "
                          + ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.latest.items())))
         lines.append(f"alerts:       {len(self.alerts)}")
-        lines += [f"  {a.severity:<8} {a.metric} = {a.value:.4f} > {a.threshold} in window "
+        lines += [f"  {a.severity:<8} {a.metric} = {a.value:.4f} > {a.threshold} in {a.source} window "
                   f"{a.window_start:%Y-%m-%d %H:%M}" for a in self.alerts]
         if self.report_uri:
             lines.append(f"report:       {self.report_uri}")
@@ -434,8 +457,8 @@ def thresholds(config: Config) -> dict[str, float | None]:
     return asdict(config.monitor.thresholds)
 
 
-def alerts_for(config: Config, window: datetime.datetime, values: dict[str, float], rows: int,
-               files: int) -> list[Alert]:
+def alerts_for(config: Config, source: str, window: datetime.datetime, values: dict[str, float],
+               rows: int, files: int) -> list[Alert]:
     """The breaches of one window. Windows too small to judge raise none."""
     alerts = []
     for metric, value in sorted(values.items()):
@@ -444,7 +467,7 @@ def alerts_for(config: Config, window: datetime.datetime, values: dict[str, floa
         if threshold is None or judged_rows < config.monitor.min_rows or not value > threshold:
             continue
         severity = "critical" if value > config.monitor.critical_factor * threshold else "warning"
-        alerts.append(Alert(metric, window, value, threshold, severity))
+        alerts.append(Alert(metric, source, window, value, threshold, severity))
     return alerts
 
 
@@ -462,10 +485,10 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
     since = datetime.datetime.combine(now.date() - datetime.timedelta(days=config.monitor.lookback_days),
                                       datetime.time())
     counted = distribution_counts(population(spark, config, model, since)).collect()
-    by_window: dict[datetime.datetime | None, list[Any]] = {}
+    by_window: dict[tuple[str, datetime.datetime | None], list[Any]] = {}
     for row in counted:
-        by_window.setdefault(row["window_start"], []).append(row)
-    baseline = Distributions.from_rows(by_window.pop(None, []))
+        by_window.setdefault((row["source"], row["window_start"]), []).append(row)
+    baseline = Distributions.from_rows(by_window.pop((BASELINE, None), []))
     rates = quarantine_rates(spark, config, since)
 
     computed_at = datetime.datetime.now()
@@ -475,27 +498,28 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         (model.trained_at, model.trained_at, BASELINE, model.name, model.version, metric, key, value,
          baseline.rows(), computed_at) for metric, key, value in profile_metrics(baseline)]
     drifts: list[tuple] = []
-    windows = sorted(set(by_window) | set(rates))
-    for start in windows:
-        side = Distributions.from_rows(by_window.get(start, []))
+    windows = sorted(set(by_window) | {(BATCH, start) for start in rates})
+    for source, start in windows:
+        side = Distributions.from_rows(by_window.get((source, start), []))
         values = drift_metrics(baseline, side)
-        rate, files = rates.get(start, (None, 0))
+        rate, files = rates.get(start, (None, 0)) if source == BATCH else (None, 0)
         if rate is not None:
             values["quarantine_rate"] = rate
         end = _window_end(start, unit)
-        profiles += [(start, end, BATCH, model.name, model.version, metric, key, value, side.rows(),
+        profiles += [(start, end, source, model.name, model.version, metric, key, value, side.rows(),
                       computed_at) for metric, key, value in profile_metrics(side)]
-        drifts += [(start, end, BATCH, model.name, model.version, metric, value, limits.get(metric),
+        drifts += [(start, end, source, model.name, model.version, metric, value, limits.get(metric),
                     side.rows(), baseline.rows(), computed_at) for metric, value in sorted(values.items())]
-        summary.alerts += alerts_for(config, start, values, side.rows(), files)
-        summary.latest_window, summary.latest = start, values
+        summary.alerts += alerts_for(config, source, start, values, side.rows(), files)
+        if source == BATCH:
+            summary.latest_window, summary.latest = start, values
     summary.windows = len(windows)
     write_results(spark, config, model, profiles, drifts, summary.alerts, unit)
-    if windows:
-        latest = windows[-1]
+    if summary.latest_window is not None:
+        latest = summary.latest_window
         summary.report_uri = write_report(config, model, baseline,
-                                          Distributions.from_rows(by_window.get(latest, [])), latest,
-                                          summary)
+                                          Distributions.from_rows(by_window.get((BATCH, latest), [])),
+                                          latest, summary)
         summary.textfile = write_textfile(config, model, summary)
     lakehouse.register_tables(spark, config)
     summary.elapsed_s = time.monotonic() - started
@@ -518,7 +542,7 @@ def write_results(spark: SparkSession, config: Config, model: Champion, profiles
     lakehouse.ensure_table(spark, config, "alerts", ALERTS_SCHEMA)
     if alerts:
         raised_at = datetime.datetime.now()
-        rows = [(a.metric, a.window_start, _window_end(a.window_start, unit), BATCH, model.name,
+        rows = [(a.metric, a.window_start, _window_end(a.window_start, unit), a.source, model.name,
                  model.version, a.value, a.threshold, a.severity, raised_at) for a in alerts]
         lakehouse.merge_new_rows(config, "alerts", spark.createDataFrame(rows, ALERTS_SCHEMA), ALERT_KEYS)
 
@@ -555,7 +579,7 @@ def plot_drift(baseline: Distributions, window: Distributions, title: str) -> by
 
 def markdown_report(model: Champion, window: datetime.datetime, values: dict[str, float],
                     limits: dict[str, float | None], alerts: list[Alert], picture: str) -> str:
-    raised = {a.metric for a in alerts if a.window_start == window}
+    raised = {a.metric for a in alerts if a.source == BATCH and a.window_start == window}
     lines = [f"# Drift of {model.name} version {model.version}, window {window:%Y-%m-%d %H:%M}", "",
              f"Baseline: the champion's training data (preprocess version {model.preprocess_version}, "
              f"prepared before {model.trained_at:%Y-%m-%d %H:%M:%S}).", "",
@@ -579,8 +603,8 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     picture = "drift.png"
     png = plot_drift(baseline, window, f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
     text = markdown_report(model, start, summary.latest, thresholds(config), summary.alerts, picture)
-    folder = lakehouse.lake_path(config, "reports", "monitor", model.name, f"v{model.version}",
-                                 f"{start:%Y%m%dT%H%M}")
+    folder = lakehouse.lake_path(config, "reports", "monitor", config.catalog.database, model.name,
+                                 f"v{model.version}", f"{start:%Y%m%dT%H%M}")
     write_bytes(f"{folder}/{picture}", png)
     write_bytes(f"{folder}/report.md", text.encode())
     configure_mlflow(config)
@@ -598,7 +622,9 @@ def textfile_path(config: Config) -> str | None:
     if config.monitor.textfile:
         return config.monitor.textfile
     root = config.storage.root
-    return None if "://" in root or root.startswith("dbfs:") else str(Path(root) / "monitor" / "imageiq.prom")
+    if "://" in root or root.startswith("dbfs:"):
+        return None
+    return str(Path(root) / "monitor" / f"{config.catalog.database}.prom")
 
 
 def write_textfile(config: Config, model: Champion, summary: MonitorSummary) -> str:
@@ -614,7 +640,7 @@ def write_textfile(config: Config, model: Champion, summary: MonitorSummary) -> 
                    labels, registry=registry)
     breached = Gauge("imageiq_drift_alert", "1 when the metric breaches its threshold in the latest window",
                      labels, registry=registry)
-    raised = {a.metric for a in summary.alerts}
+    raised = {a.metric for a in summary.latest_alerts()}
     for metric, value in summary.latest.items():
         values.labels(metric, model.name, model.version).set(value)
         breached.labels(metric, model.name, model.version).set(1 if metric in raised else 0)

@@ -150,9 +150,11 @@ def test_monitor_tables_hold_profiles_and_drift_of_the_window(spark, missing_cla
     drift_rows = {r["metric"]: r for r in lakehouse.read_table(spark, config, "monitor_drift").collect()}
     assert drift_rows["label_psi"]["value"] == pytest.approx(summary.latest["label_psi"])
     assert drift_rows["label_psi"]["window_rows"] == WITHOUT_THREES
-    shares = {r["key"]: r["value"] for r in lakehouse.read_table(spark, config, "monitor_profiles")
-              .where("source = 'batch' AND metric = 'label_share'").collect()}
-    assert "3" not in shares and sum(shares.values()) == pytest.approx(1.0)
+    profiles = lakehouse.read_table(spark, config, "monitor_profiles").where("metric = 'label_share'")
+    shares = {(r["source"], r["key"]): r["value"] for r in profiles.collect()}
+    assert sum(v for (source, _), v in shares.items() if source == "batch") == pytest.approx(1.0)
+    # No 3 in the batch: only the model's few mistakes are predicted as 3.
+    assert shares[("batch", "3")] < shares[("baseline", "3")] / 4
 
 
 def test_the_prometheus_text_file_holds_the_latest_values(missing_class):
@@ -185,9 +187,9 @@ def samples(spark):
     base_labels = rng.choice(list("abcd"), 3000, p=[0.4, 0.3, 0.2, 0.1])
     window_labels = rng.choice(list("abce"), 2000, p=[0.25, 0.25, 0.25, 0.25])
     day = datetime.datetime(2026, 12, 1)
-    rows = ([(None, str(label), float(c)) for label, c in zip(base_labels, base)]
-            + [(day, str(label), float(c)) for label, c in zip(window_labels, window)])
-    df = spark.createDataFrame(rows, "window_start timestamp, label string, confidence double")
+    rows = ([("baseline", None, str(label), float(c)) for label, c in zip(base_labels, base)]
+            + [("batch", day, str(label), float(c)) for label, c in zip(window_labels, window)])
+    df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
     counted = distribution_counts(df).collect()
     sides = [Distributions.from_rows([r for r in counted if r["window_start"] == when])
              for when in (None, day)]
@@ -232,3 +234,28 @@ def test_monitor_exits_3_with_fail_on_alert_when_the_newest_window_breaches(
     assert cli.main(["--conf", str(conf), "monitor"]) == 0
     assert cli.main(["--conf", str(conf), "monitor", "--fail-on-alert"]) == cli.ALERT_EXIT_CODE == 3
     assert f"label_psi = {summary.latest['label_psi']:.4f} > 0.12" in capsys.readouterr().out
+
+
+def test_online_predictions_from_the_serving_log_are_a_second_source(spark, missing_class):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imageiq_spark.serve import REQUEST_LOG_SCHEMA
+
+    config, batch = missing_class
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = [{"image_id": f"{i:064x}", "predicted_label": "7", "confidence": 0.99, "top_k": [],
+             "model_name": batch.model_name, "model_version": batch.model_version, "route": "/predict",
+             "size_bytes": 100, "requested_at": now} for i in range(60)]
+    folder = Path(config.storage.root) / "request_log" / f"request_date={now:%Y-%m-%d}"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=REQUEST_LOG_SCHEMA), folder / "part-0.parquet")
+
+    summary = cli.run_stage(spark, config, "monitor")
+
+    online = {a.metric for a in summary.alerts if a.source == "online"}
+    assert online == {"label_psi"}  # everything online was a 7
+    assert {a.metric for a in summary.latest_alerts()} == {"label_psi"}  # the batch window's own
+    drift_rows = (lakehouse.read_table(spark, config, "monitor_drift")
+                  .where("source = 'online' AND metric = 'label_psi'").collect())
+    assert [r["window_rows"] for r in drift_rows] == [60]
