@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from imageiq_spark.config import Config, ConfigError, load_config
@@ -158,8 +158,10 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
             print(line)
         return 0
     if args.command == "monitor":
-        summary = run_stage(spark, config, "monitor")
-        return ALERT_EXIT_CODE if args.fail_on_alert and summary.latest_alerts() else 0
+        def exit_code(summary: Any) -> int:
+            return ALERT_EXIT_CODE if args.fail_on_alert and summary.latest_alerts() else 0
+
+        return exit_code(run_stage(spark, config, "monitor", exit_code=exit_code))
     stages = STAGES if args.command == "run-all" else (args.command,)
     for stage in stages:
         options = {"model_uri": args.model} if getattr(args, "model", None) else {}
@@ -167,14 +169,15 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def run_stage(spark: Any, config: Config, stage: str, **options: Any) -> Any:
+def run_stage(spark: Any, config: Config, stage: str, exit_code: Callable[[Any], int] = lambda _: 0,
+              **options: Any) -> Any:
     """Run one stage's `run(spark, config)`, record it in `job_runs`, print its summary to stdout."""
     from imageiq_spark.runs import record_run
 
     module = importlib.import_module(f"imageiq_spark.{stage}")
     log.info("%s: starting", stage)
     started = time.monotonic()
-    summary = record_run(spark, config, stage, lambda: module.run(spark, config, **options))
+    summary = record_run(spark, config, stage, lambda: module.run(spark, config, **options), exit_code)
     log.info("%s: done in %.1f s", stage, time.monotonic() - started)
     print(f"== {stage}")
     for line in summary.lines():

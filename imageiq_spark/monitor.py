@@ -332,26 +332,23 @@ def population(spark: SparkSession, config: Config, model: Champion, since: date
     splits = baseline_splits(spark, config, model)
     unit = config.monitor.window
 
-    def predicted(rows: DataFrame) -> DataFrame:
-        labelled = rows.join(images.select("image_id", "label"), "image_id", "left")
-        return labelled.select(
-            "image_id", F.col("predicted_label").alias("label"), "confidence",
-            F.when(F.col("label").isNotNull(), (F.col("predicted_label") == F.col("label")).cast("string"))
-            .alias("correct"))
-
-    windows = (predictions.join(splits, "image_id", "left_anti")
-               .withColumn("window_start", window_start("scored_at", unit))
-               .where(F.col("window_start") >= F.lit(since)))
-    window_rows = (predicted(windows.drop("window_start")).join(windows.select("image_id", "window_start"),
-                                                                "image_id")
-                   .join(images.drop("label"), "image_id", "left").join(profiles, "image_id", "left"))
-    val = predicted(predictions.join(splits.where(F.col("split") == "val"), "image_id", "left_semi"))
+    correct = F.when(F.col("label").isNotNull(),
+                     (F.col("predicted_label") == F.col("label")).cast("string")).alias("correct")
+    window_rows = (predictions.join(splits, "image_id", "left_anti")
+                   .withColumn("window_start", window_start("scored_at", unit))
+                   .where(F.col("window_start") >= F.lit(since))
+                   .join(images, "image_id", "left").join(profiles, "image_id", "left")
+                   .select("window_start", F.col("predicted_label").alias("label"), "confidence", correct,
+                           "format", "width", "height", "brightness", "contrast", "sharpness"))
+    val = (predictions.join(splits.where(F.col("split") == "val"), "image_id", "left_semi")
+           .join(images.select("image_id", "label"), "image_id", "left")
+           .select(F.col("predicted_label").alias("label"), "confidence", correct))
     train_images = (images.drop("label")
                     .join(splits.where(F.col("split") == "train"), "image_id", "left_semi")
                     .join(profiles, "image_id", "left"))
     no_window = F.lit(None).cast("timestamp").alias("window_start")
     baseline = F.lit(BASELINE).alias("source")
-    rows = (window_rows.drop("image_id").withColumn("source", F.lit(BATCH))
+    rows = (window_rows.withColumn("source", F.lit(BATCH))
             .unionByName(val.select(baseline, no_window, "label", "confidence", "correct"),
                          allowMissingColumns=True)
             .unionByName(train_images.select(baseline, no_window, "format", "width", "height", "brightness",

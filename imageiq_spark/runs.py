@@ -101,8 +101,10 @@ def append_run(spark: SparkSession, config: Config, row: tuple) -> None:
     )
 
 
-def record_run(spark: SparkSession, config: Config, stage: str, action: Callable[[], S]) -> S:
-    """Run `action` (a stage) and append its `job_runs` row, `failed` with the cause if it raised.
+def record_run(spark: SparkSession, config: Config, stage: str, action: Callable[[], S],
+               exit_code: Callable[[S], int] = lambda _: 0) -> S:
+    """Run `action` (a stage) and append its `job_runs` row, `failed` with the cause if it raised;
+    `exit_code` gives the code a succeeded run exits with (3: monitoring raised an alert).
 
     The stage's own exception is what the caller sees; a failure to write the record is logged,
     never allowed to hide it.
@@ -116,7 +118,7 @@ def record_run(spark: SparkSession, config: Config, stage: str, action: Callable
                                                   _app_id(spark)))
         raise
     record.counts = summary.counts()
-    _append_quietly(spark, config, record.row("succeeded", 0, None, _app_id(spark)))
+    _append_quietly(spark, config, record.row("succeeded", exit_code(summary), None, _app_id(spark)))
     return summary
 
 

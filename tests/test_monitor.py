@@ -227,13 +227,16 @@ def test_js_distance_equals_scipys(samples):
 
 
 def test_monitor_exits_3_with_fail_on_alert_when_the_newest_window_breaches(
-        missing_class, tmp_path, capsys):
+        spark, missing_class, tmp_path, capsys):
     config, summary = missing_class
     conf = tmp_path / "conf.yaml"
     conf.write_text(yaml.safe_dump(to_dict(config)))
     assert cli.main(["--conf", str(conf), "monitor"]) == 0
     assert cli.main(["--conf", str(conf), "monitor", "--fail-on-alert"]) == cli.ALERT_EXIT_CODE == 3
     assert f"label_psi = {summary.latest['label_psi']:.4f} > 0.12" in capsys.readouterr().out
+    runs = (lakehouse.read_table(spark, config, "job_runs").where("stage = 'monitor'")
+            .orderBy("started_at").collect())
+    assert [(r["status"], r["exit_code"]) for r in runs[-2:]] == [("succeeded", 0), ("succeeded", 3)]
 
 
 def test_online_predictions_from_the_serving_log_are_a_second_source(spark, missing_class):
@@ -244,7 +247,10 @@ def test_online_predictions_from_the_serving_log_are_a_second_source(spark, miss
 
     config, batch = missing_class
     now = datetime.datetime.now(datetime.timezone.utc)
-    rows = [{"image_id": f"{i:064x}", "predicted_label": "7", "confidence": 0.99, "top_k": [],
+    # Confidences like the batch's own, every label a 7: only the label mix drifts online.
+    confidences = [r["confidence"] for r in lakehouse.read_table(spark, config, "predictions")
+                   .orderBy("image_id").limit(60).collect()]
+    rows = [{"image_id": f"{i:064x}", "predicted_label": "7", "confidence": confidences[i], "top_k": [],
              "model_name": batch.model_name, "model_version": batch.model_version, "route": "/predict",
              "size_bytes": 100, "requested_at": now} for i in range(60)]
     folder = Path(config.storage.root) / "request_log" / f"request_date={now:%Y-%m-%d}"
