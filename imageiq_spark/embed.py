@@ -28,10 +28,10 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
-from imageiq_spark.runs import RunCounts
 from imageiq_spark.score import (
     ModelLoader,
     RegistryLoader,
+    ScoreSummary,
     cached_model,
     remove_staging,
     task_threads,
@@ -162,28 +162,9 @@ def model_loader(config: Config, model_uri: str | None) -> tuple[str, str, Embed
     return name, version, EmbedderLoader(RegistryLoader(config, pinned, key=key), key=f"{key}#features")
 
 
-@dataclass
-class EmbedSummary:
-    model_name: str
-    model_version: str
-    candidates: int = 0
-    inserted: int = 0
-    failed: int = 0
-    elapsed_s: float = 0.0
-
-    def counts(self) -> RunCounts:
-        return RunCounts(read=self.candidates, written=self.inserted, quarantined=self.failed,
-                         model_name=self.model_name, model_version=self.model_version)
-
-    def lines(self) -> list[str]:
-        rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0
-        return [
-            f"model:        {self.model_name} version {self.model_version}",
-            f"to embed:     {self.candidates}",
-            f"embeddings:   {self.inserted} new",
-            f"quarantined:  {self.failed}",
-            f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
-        ]
+class EmbedSummary(ScoreSummary):
+    todo_label = "to embed:"
+    output_label = "embeddings:"
 
 
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> EmbedSummary:

@@ -33,7 +33,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -326,6 +326,9 @@ class ScoreSummary:
     inserted: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
+    #: How `lines()` names the images to do and the rows made (embed's summary says its own).
+    todo_label: ClassVar[str] = "to score:"
+    output_label: ClassVar[str] = "predictions:"
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.candidates, written=self.inserted, quarantined=self.failed,
@@ -335,8 +338,8 @@ class ScoreSummary:
         rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0
         return [
             f"model:        {self.model_name} version {self.model_version}",
-            f"to score:     {self.candidates}",
-            f"predictions:  {self.inserted} new",
+            f"{self.todo_label:<14}{self.candidates}",
+            f"{self.output_label:<14}{self.inserted} new",
             f"quarantined:  {self.failed}",
             f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
         ]

@@ -63,7 +63,6 @@ def png_count(notebook: nbformat.NotebookNode) -> int:
     return sum("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
 
-@pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_data_exploration_ingests_and_pictures_the_sample(overrides):
     notebook = execute("data_exploration.ipynb",
                        f"OVERRIDES = {overrides!r}\nSAMPLE_PER_CLASS = {PER_CLASS}\nGRID_SIZE = 16")
@@ -77,6 +76,7 @@ def test_data_exploration_ingests_and_pictures_the_sample(overrides):
     assert "Empty DataFrame\nColumns: [stage, reason, count]" in text
 
 
+@pytest.mark.slow  # `make test-all`; runs after data_exploration, whose lake it trains on
 def test_model_training_trains_registers_and_plots_curves(overrides):
     notebook = execute("model_training.ipynb", f"OVERRIDES = {overrides!r}")
     text = text_of(notebook)
