@@ -33,6 +33,7 @@ from imageiq_spark.score import (
     RegistryLoader,
     ScoreSummary,
     cached_model,
+    quarantine_failed,
     remove_staging,
     task_threads,
     unscored,
@@ -169,8 +170,6 @@ class EmbedSummary(ScoreSummary):
 
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> EmbedSummary:
     """Embed every image without an embedding from the model version behind `model_uri`."""
-    from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
-
     started = time.monotonic()
     name, version, loader = model_loader(config, model_uri)
     summary = EmbedSummary(name, version)
@@ -191,18 +190,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Em
             "vector", F.lit(embedded_at).alias("embedded_at"))
         summary.inserted = lakehouse.merge_new_rows(config, "embeddings", good, EMBEDDING_KEYS,
                                                     attempts=config.score.merge_retries)
-        failed = staged.where(F.col("error").isNotNull())
-        summary.failed = failed.count()
-        if summary.failed:
-            lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
-            known = images.select("image_id", "path", "size_bytes", "modified_at")
-            rows = failed.join(known, "image_id").select(
-                "path", F.col("error").alias("reason"), F.col("error_detail").alias("detail"),
-                F.lit("embed").alias("stage"), "image_id", "size_bytes", "modified_at",
-                F.lit(embedded_at).alias("ingested_at"),
-            )
-            lakehouse.merge_new_rows(config, "quarantine", rows, QUARANTINE_KEYS,
-                                     attempts=config.score.merge_retries)
+        summary.failed = quarantine_failed(config, staged, images, "embed", embedded_at)
     finally:
         remove_staging(staging)
     lakehouse.register_tables(spark, config)

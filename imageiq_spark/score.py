@@ -318,6 +318,26 @@ def remove_staging(uri: str) -> None:
         log.warning("could not remove staging folder %s: %s", uri, exc)
 
 
+def quarantine_failed(config: Config, staged: DataFrame, images: DataFrame, stage: str,
+                      at: datetime.datetime) -> int:
+    """Staged rows of a model pass whose image could not be decoded -> `quarantine`, under this
+    stage; returns how many there were."""
+    from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
+
+    failed = staged.where(F.col("error").isNotNull())
+    count = failed.count()
+    if count:
+        lakehouse.ensure_table(staged.sparkSession, config, "quarantine", QUARANTINE_SCHEMA)
+        rows = failed.join(images.select("image_id", "path", "size_bytes", "modified_at"), "image_id").select(
+            "path", F.col("error").alias("reason"), F.col("error_detail").alias("detail"),
+            F.lit(stage).alias("stage"), "image_id", "size_bytes", "modified_at",
+            F.lit(at).alias("ingested_at"),
+        )
+        lakehouse.merge_new_rows(config, "quarantine", rows, QUARANTINE_KEYS,
+                                 attempts=config.score.merge_retries)
+    return count
+
+
 @dataclass
 class ScoreSummary:
     model_name: str
@@ -348,7 +368,6 @@ class ScoreSummary:
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> ScoreSummary:
     """Score every image without a prediction from the model version behind `model_uri`."""
     from imageiq_spark import tracking
-    from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
 
     started = time.monotonic()
     uri = model_uri or tracking.default_model_uri(config)
@@ -375,18 +394,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
         good = staged.where(F.col("error").isNull()).select(*PREDICTIONS_SCHEMA.fieldNames())
         summary.inserted = lakehouse.merge_new_rows(config, "predictions", good, PREDICTION_KEYS,
                                                     attempts=config.score.merge_retries)
-        failed = staged.where(F.col("error").isNotNull())
-        summary.failed = failed.count()
-        if summary.failed:
-            lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
-            rows = failed.join(images.select("image_id", "path", "size_bytes", "modified_at"),
-                               "image_id").select(
-                "path", F.col("error").alias("reason"), F.col("error_detail").alias("detail"),
-                F.lit("score").alias("stage"), "image_id", "size_bytes", "modified_at",
-                F.col("scored_at").alias("ingested_at"),
-            )
-            lakehouse.merge_new_rows(config, "quarantine", rows, QUARANTINE_KEYS,
-                                     attempts=config.score.merge_retries)
+        summary.failed = quarantine_failed(config, staged, images, "score", scored_at)
     finally:
         remove_staging(staging)
     lakehouse.register_tables(spark, config)
