@@ -12,13 +12,13 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install jars jars-s3 browser test test-all demo bench lint wheel pack clean podman-tools image-base image test-image
+.PHONY: install jars jars-s3 browser test test-all test-cluster demo bench lint wheel pack clean podman-tools image-base image test-image
 
 install: $(VENV)/.installed
 jars: jars/delta/.done
 jars-s3: jars/s3/.done
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt setup.py
+$(VENV)/.installed: requirements.txt requirements-local.txt requirements-dev.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -r requirements-dev.txt
@@ -46,6 +46,12 @@ test: install jars jars-s3 browser
 
 test-all: install jars jars-s3 browser
 	$(BIN)/pytest --timeout=1800
+
+# The suite on separate executor JVMs (tests/cluster.py), then the executor-loss tests.
+CLUSTER_MASTER ?= local-cluster[2,1,1024]
+test-cluster: install jars jars-s3 browser
+	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m "not slow" --timeout=1800
+	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m slow tests/test_cluster.py --timeout=1800
 
 demo: install jars
 	$(BIN)/imageiq sample-data $(SAMPLE)
@@ -77,7 +83,7 @@ wheel: install
 pack: wheel
 	rm -rf $(PACK_VENV) dist/imageiq-env.tar.gz
 	$$($(BIN)/python -c 'import sys; print(sys._base_executable)') -m venv $(PACK_VENV)
-	$(PACK_VENV)/bin/pip install -q -c constraints.txt dist/imageiq_spark-*.whl
+	$(PACK_VENV)/bin/pip install -q -c constraints.txt "$$(ls dist/imageiq_spark-*.whl)[local]"
 	$(BIN)/venv-pack -q --prefix $(PACK_VENV) --output dist/imageiq-env.tar.gz \
 		$(if $(PACK_PYTHON_PREFIX),--python-prefix $(PACK_PYTHON_PREFIX))
 	chmod 644 dist/imageiq-env.tar.gz

@@ -3,11 +3,12 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith(("#", "-"))
-]
+
+
+def requirements(name: str) -> list[str]:
+    lines = (here / name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-"))]
+
 
 setup(
     name="imageiq-spark",
@@ -20,6 +21,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["imageiq_spark", "imageiq_spark.*"]),
     package_data={"imageiq_spark": ["py.typed", "static/*.html"]},
-    install_requires=requirements,
+    install_requires=requirements("requirements.txt"),
+    extras_require={"local": requirements("requirements-local.txt")},
     entry_points={"console_scripts": ["imageiq=imageiq_spark.cli:main"]},
 )

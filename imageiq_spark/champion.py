@@ -17,26 +17,16 @@ from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
+from imageiq_spark.tables import schema
 
-DECISIONS_SCHEMA = StructType(
-    [
-        StructField("model_name", StringType(), False),
-        StructField("candidate_version", StringType(), False),
-        StructField("champion_version", StringType(), True),
-        StructField("split", StringType(), False),
-        StructField("images", LongType(), False),
-        StructField("candidate_accuracy", DoubleType(), False),
-        StructField("champion_accuracy", DoubleType(), True),
-        StructField("margin", DoubleType(), False),
-        StructField("min_accuracy", DoubleType(), False),
-        StructField("decision", StringType(), False),
-        StructField("reason", StringType(), False),
-        StructField("decided_at", TimestampType(), False),
-    ]
+DECISIONS_SCHEMA = schema(
+    "model_name STRING NOT NULL, candidate_version STRING NOT NULL, champion_version STRING, "
+    "split STRING NOT NULL, images BIGINT NOT NULL, candidate_accuracy DOUBLE NOT NULL, "
+    "champion_accuracy DOUBLE, margin DOUBLE NOT NULL, min_accuracy DOUBLE NOT NULL, "
+    "decision STRING NOT NULL, reason STRING NOT NULL, decided_at TIMESTAMP NOT NULL"
 )
 GATE_SPLITS = ("val", "test")
 

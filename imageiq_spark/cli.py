@@ -11,6 +11,7 @@ import base64
 import csv
 import datetime
 import decimal
+import functools
 import importlib
 import json
 import logging
@@ -18,9 +19,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from imageiq_spark.config import Config, ConfigError, load_config
+from imageiq_spark.config import DEFAULT_CONF_PATH, Config, ConfigError, load_config
 
 log = logging.getLogger("imageiq_spark")
 
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, text)
         sub.add_argument("--source", metavar="URI", help="overrides ingest.source")
     command("preprocess", "images -> prepared")
-    command("train", "prepared -> MLflow run and registered model version")
+    train = command("train", "prepared -> MLflow run and registered model version; skipped when "
+                    "neither prepared's training rows nor the train config changed")
+    train.add_argument("--force", action="store_true",
+                       help="train even when nothing changed since the last registered version")
     for name, text in (("evaluate", "test split -> evaluations table, MLflow metrics and plots"),
                        ("score", "images without a prediction from that model -> predictions")):
         sub = command(name, text)
@@ -86,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "followed when the alias moves)")
     serve.add_argument("--host", help="address to listen on (overrides serve.host)")
     serve.add_argument("--port", type=int, help="TCP port (overrides serve.port)")
+    promote = command("promote", "give the champion alias (registry and model_aliases) to VERSION")
+    promote.add_argument("version", metavar="VERSION", help="a registered version of mlflow.registered_model")
+    promote.add_argument("--reason", metavar="TEXT", required=True,
+                         help="why; kept in alias_history and on the version")
+    rollback = command("rollback", "give the champion alias back to the previous champion")
+    rollback.add_argument("--reason", metavar="TEXT", required=True,
+                          help="why; kept in alias_history and on the version")
+    command("maintain", "OPTIMIZE and VACUUM every table (retention: maintain.retention_hours)")
     sql = command("sql", "run Spark SQL against the project's catalog and print the rows")
     sql.add_argument("query", metavar="QUERY")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -111,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.conf, args.overrides)
         if getattr(args, "source", None):
             config = config.with_overrides({"ingest.source": args.source})
+        log_where(args.conf, config)
         return run_command(args, config)
     except ConfigError as exc:
         print(f"imageiq: error: {exc}", file=sys.stderr)
@@ -122,6 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("failure", exc_info=True)
         print(f"imageiq: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def log_where(conf: str | None, config: Config) -> None:
+    """Say which config file and which lake a command works on: a relative storage.root depends
+    on the working directory."""
+    from imageiq_spark.session import storage_uri
+
+    path = conf or (DEFAULT_CONF_PATH if Path(DEFAULT_CONF_PATH).is_file() else None)
+    source = str(Path(path).resolve()) if path else "none (built-in defaults)"
+    log.info("config file: %s; storage.root: %s", source, storage_uri(config.storage.root))
 
 
 def run_command(args: argparse.Namespace, config: Config) -> int:
@@ -138,10 +162,22 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
         serve.run(config, args.model, args.host, args.port)
         return 0
 
-    from imageiq_spark import lakehouse
-    from imageiq_spark.session import get_spark
+    from imageiq_spark.session import get_spark, platform_managed
 
+    # A session this command starts, it stops: a local-cluster's executors then end with the
+    # application instead of being killed (and restarted) by the JVM's shutdown hooks.
+    owned = not platform_managed()
     spark = get_spark(config, app_name=f"imageiq {args.command}")
+    try:
+        return run_spark_command(args, config, spark)
+    finally:
+        if owned:
+            spark.stop()
+
+
+def run_spark_command(args: argparse.Namespace, config: Config, spark: Any) -> int:
+    from imageiq_spark import lakehouse
+
     lakehouse.register_tables(spark, config)
     if args.command == "sql":
         print_rows(spark.sql(args.query), args.format)
@@ -162,22 +198,36 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
             return ALERT_EXIT_CODE if args.fail_on_alert and summary.latest_alerts() else 0
 
         return exit_code(run_stage(spark, config, "monitor", exit_code=exit_code))
+    if args.command in ("promote", "rollback"):
+        from imageiq_spark import aliases
+
+        if args.command == "promote":
+            run_stage(spark, config, "promote",
+                      action=lambda: aliases.promote(spark, config, args.version, args.reason))
+        else:
+            run_stage(spark, config, "rollback", action=lambda: aliases.rollback(spark, config, args.reason))
+        return 0
     stages = STAGES if args.command == "run-all" else (args.command,)
     for stage in stages:
         options = {"model_uri": args.model} if getattr(args, "model", None) else {}
+        if stage == "train" and getattr(args, "force", False):
+            options["force"] = True
         run_stage(spark, config, stage, **options)
     return 0
 
 
 def run_stage(spark: Any, config: Config, stage: str, exit_code: Callable[[Any], int] = lambda _: 0,
-              **options: Any) -> Any:
-    """Run one stage's `run(spark, config)`, record it in `job_runs`, print its summary to stdout."""
+              action: Callable[[], Any] | None = None, **options: Any) -> Any:
+    """Run one stage's `run(spark, config)` (or `action`, for a command that is no module's `run`),
+    record it in `job_runs`, print its summary to stdout."""
     from imageiq_spark.runs import record_run
 
-    module = importlib.import_module(f"imageiq_spark.{stage}")
+    if action is None:
+        action = functools.partial(importlib.import_module(f"imageiq_spark.{stage}").run, spark, config,
+                                   **options)
     log.info("%s: starting", stage)
     started = time.monotonic()
-    summary = record_run(spark, config, stage, lambda: module.run(spark, config, **options), exit_code)
+    summary = record_run(spark, config, stage, action, exit_code)
     log.info("%s: done in %.1f s", stage, time.monotonic() - started)
     print(f"== {stage}")
     for line in summary.lines():

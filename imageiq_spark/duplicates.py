@@ -40,60 +40,35 @@ import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
-    DoubleType,
-    IntegerType,
-    LongType,
-    StringType,
     StructField,
     StructType,
-    TimestampType,
 )
 
 from imageiq_spark import lakehouse, phash
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import spread
+from imageiq_spark.tables import schema
 
 log = logging.getLogger(__name__)
 
 HASHES_TABLE, PAIRS_TABLE, CLUSTERS_TABLE = "image_hashes", "near_duplicates", "near_duplicate_clusters"
-HASHES_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("dhash", LongType(), True),
-        StructField("phash", LongType(), True),
-        StructField("pixel_digest", StringType(), True),
-        StructField("error", StringType(), True),
-        StructField("hashed_at", TimestampType(), False),
-    ]
+HASHES_SCHEMA = schema(
+    "image_id STRING NOT NULL, dhash BIGINT, phash BIGINT, pixel_digest STRING, error STRING, "
+    "hashed_at TIMESTAMP NOT NULL"
 )
-PAIRS_SCHEMA = StructType(
-    [
-        StructField("image_id_a", StringType(), False),
-        StructField("image_id_b", StringType(), False),
-        StructField("tier", StringType(), False),
-        StructField("distance", DoubleType(), False),
-        StructField("found_at", TimestampType(), False),
-    ]
+PAIRS_SCHEMA = schema(
+    "image_id_a STRING NOT NULL, image_id_b STRING NOT NULL, tier STRING NOT NULL, "
+    "distance DOUBLE NOT NULL, found_at TIMESTAMP NOT NULL"
 )
 PAIR_KEYS = ["image_id_a", "image_id_b", "tier"]
-CLUSTERS_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("cluster_id", StringType(), False),
-        StructField("cluster_size", IntegerType(), False),
-        StructField("clustered_at", TimestampType(), False),
-    ]
+CLUSTERS_SCHEMA = schema(
+    "image_id STRING NOT NULL, cluster_id STRING NOT NULL, cluster_size INT NOT NULL, "
+    "clustered_at TIMESTAMP NOT NULL"
 )
 TIERS = ("exact", "phash", "embedding")
 _HASH_ROWS = StructType([StructField(f.name, f.dataType, True) for f in HASHES_SCHEMA.fields[:-1]])
-_SIMILAR_ROWS = StructType(
-    [
-        StructField("image_id_a", StringType(), False),
-        StructField("image_id_b", StringType(), False),
-        StructField("similarity", DoubleType(), False),
-    ]
-)
+_SIMILAR_ROWS = schema("image_id_a STRING NOT NULL, image_id_b STRING NOT NULL, similarity DOUBLE NOT NULL")
 
 
 @dataclass
@@ -195,17 +170,19 @@ def normalised_matrix(vectors: DataFrame) -> tuple[list[str], np.ndarray]:
 class CosineBlocks:
     """The `mapInArrow` function: (image_id, row) batches -> pairs with similarity >= threshold.
 
-    Row r of the broadcast matrix is compared with rows r+1.. only, so each pair comes out once,
-    in image_id order (the matrix is sorted by image_id).
+    Row r of the matrix is compared with rows r+1.. only, so each pair comes out once, in image_id
+    order (the matrix is sorted by image_id). The matrix travels inside the function: Spark Connect
+    has no broadcast variables, and classic PySpark broadcasts a function over 1 MB by itself.
     """
 
-    matrix: object  # Broadcast of (ids, normalised matrix)
+    ids: list[str]
+    matrix: np.ndarray
     threshold: float
     #: Similarities held at once per task (block rows x all images): 128 MB of float32.
     block_cells: int = 1 << 25
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        ids, matrix = self.matrix.value  # type: ignore[attr-defined]
+        ids, matrix = self.ids, self.matrix
         names = np.asarray(ids, object)
         step = max(1, min(1024, self.block_cells // max(1, len(ids))))
         for batch in batches:
@@ -225,13 +202,12 @@ class CosineBlocks:
 
 def cosine_pairs(spark: SparkSession, vectors: DataFrame, threshold: float) -> DataFrame:
     """(image_id, vector) rows -> (image_id_a, image_id_b, similarity) of every pair whose cosine
-    similarity is >= threshold: an exact search, the normalised vectors broadcast once."""
+    similarity is >= threshold: an exact search, the normalised vectors shipped once per task."""
     ids, matrix = normalised_matrix(vectors)
     if len(ids) < 2:
         return spark.createDataFrame([], _SIMILAR_ROWS)
-    shared = spark.sparkContext.broadcast((ids, matrix))
     rows = spark.range(len(ids)).select(F.col("id").alias("row"))
-    return spread(rows).mapInArrow(CosineBlocks(shared, threshold), _SIMILAR_ROWS)
+    return spread(rows).mapInArrow(CosineBlocks(ids, matrix, threshold), _SIMILAR_ROWS)
 
 
 def components(pairs: list[tuple[str, str]]) -> dict[str, str]:

@@ -12,10 +12,8 @@ Undecodable images go to `quarantine` with stage `embed`.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,44 +22,29 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType, TimestampType
 
-from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.score import (
     ModelLoader,
     RegistryLoader,
     ScoreSummary,
     cached_model,
-    quarantine_failed,
-    remove_staging,
+    model_pass,
     task_threads,
-    unscored,
 )
 from imageiq_spark.session import spread
+from imageiq_spark.tables import schema
 from imageiq_spark.tensors import binary_views
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("model_name", StringType(), False),
-        StructField("model_version", StringType(), False),
-        StructField("vector", ArrayType(FloatType()), False),
-        StructField("embedded_at", TimestampType(), False),
-    ]
+EMBEDDINGS_SCHEMA = schema(
+    "image_id STRING NOT NULL, model_name STRING NOT NULL, model_version STRING NOT NULL, "
+    "vector ARRAY<FLOAT> NOT NULL, embedded_at TIMESTAMP NOT NULL"
 )
 EMBEDDING_KEYS = ["image_id", "model_name", "model_version"]
 #: What the UDF returns per image: a vector, or why there is none.
-EMBEDDED_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), True),
-        StructField("vector", ArrayType(FloatType()), True),
-        StructField("error", StringType(), True),
-        StructField("error_detail", StringType(), True),
-    ]
-)
+EMBEDDED_SCHEMA = schema("image_id STRING, vector ARRAY<FLOAT>, error STRING, error_detail STRING")
 _ARROW_EMBEDDED = pa.schema([("image_id", pa.string()), ("vector", pa.list_(pa.float32())),
                              ("error", pa.string()), ("error_detail", pa.string())])
 #: Rows per forward pass: bounds a worker's activations, as score's chunk does.
@@ -173,26 +156,12 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Em
     started = time.monotonic()
     name, version, loader = model_loader(config, model_uri)
     summary = EmbedSummary(name, version)
-    if not lakehouse.table_exists(spark, config, "images"):
-        raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
-    lakehouse.ensure_table(spark, config, "embeddings", EMBEDDINGS_SCHEMA)
-    images = lakehouse.read_table(spark, config, "images")
-    todo = unscored(images.select("image_id", "content"),
-                    lakehouse.read_table(spark, config, "embeddings"), name, version)
-    embedded_at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-    staging = lakehouse.lake_path(config, "staging", "embeddings", uuid.uuid4().hex)
-    try:
-        embed_contents(todo, loader).write.parquet(staging)
-        staged = spark.read.parquet(staging)
-        summary.candidates = staged.count()
-        good = staged.where(F.col("error").isNull()).select(
-            "image_id", F.lit(name).alias("model_name"), F.lit(version).alias("model_version"),
-            "vector", F.lit(embedded_at).alias("embedded_at"))
-        summary.inserted = lakehouse.merge_new_rows(config, "embeddings", good, EMBEDDING_KEYS,
-                                                    attempts=config.score.merge_retries)
-        summary.failed = quarantine_failed(config, staged, images, "embed", embedded_at)
-    finally:
-        remove_staging(staging)
-    lakehouse.register_tables(spark, config)
+    model_pass(
+        spark, config, summary, "embeddings", EMBEDDINGS_SCHEMA, EMBEDDING_KEYS, "embed",
+        lambda todo, _at: embed_contents(todo, loader),
+        lambda good, at: good.select("image_id", F.lit(name).alias("model_name"),
+                                     F.lit(version).alias("model_version"), "vector",
+                                     F.lit(at).alias("embedded_at")),
+    )
     summary.elapsed_s = time.monotonic() - started
     return summary

@@ -19,25 +19,18 @@ from tempfile import TemporaryDirectory
 import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, StringType, StructField, StructType, TimestampType
 
 from imageiq_spark import lakehouse, metrics
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.splits import Leakage, leakage
+from imageiq_spark.tables import schema
 
 log = logging.getLogger(__name__)
 
-EVALUATIONS_SCHEMA = StructType(
-    [
-        StructField("model_name", StringType(), False),
-        StructField("model_version", StringType(), False),
-        StructField("split", StringType(), False),
-        StructField("metric", StringType(), False),
-        StructField("class", StringType(), True),
-        StructField("value", DoubleType(), True),
-        StructField("evaluated_at", TimestampType(), False),
-    ]
+EVALUATIONS_SCHEMA = schema(
+    "model_name STRING NOT NULL, model_version STRING NOT NULL, split STRING NOT NULL, "
+    "metric STRING NOT NULL, class STRING, value DOUBLE, evaluated_at TIMESTAMP NOT NULL"
 )
 EVALUATION_KEYS = ["model_name", "model_version", "split", "metric", "class"]
 MISTAKES_SHOWN = 16
@@ -167,7 +160,7 @@ def write_evaluations(spark: SparkSession, config: Config, summary: EvaluateSumm
 
 def write_report(config: Config, summary: EvaluateSummary, report: metrics.Report) -> str:
     """The Markdown report and its pictures under <storage.root>/reports/evaluations/..."""
-    from imageiq_spark.preprocess import write_bytes
+    from imageiq_spark.storage import write_bytes
 
     folder = lakehouse.lake_path(config, "reports", "evaluations", summary.model_name,
                                  f"v{summary.model_version}", summary.split)
@@ -183,7 +176,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
 
     from imageiq_spark import tracking
     from imageiq_spark.classifier import load_classifier
-    from imageiq_spark.preprocess import read_prepared
+    from imageiq_spark.prepared import read_prepared
 
     started = time.monotonic()
     uri = model_uri or tracking.default_model_uri(config)

@@ -5,6 +5,10 @@ its checkpoint remembers every file already taken, so a rerun reads only new fil
 micro-batch is probed (header only), hashed and written with insert-only MERGEs keyed by content
 hash (`images`) and by file (`quarantine`); a crash replays the batch and the MERGEs add nothing
 twice.
+
+Relabelling (`imageiq_spark.labels`): a known image whose file was moved to another label folder
+takes that label (a copy there is a duplicate and changes nothing), and with a manifest
+(`ingest.labels`) every run compares the manifest with `images` and applies the labels that changed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,62 +28,25 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
-    BinaryType,
     IntegerType,
-    LongType,
     StringType,
     StructField,
     StructType,
-    TimestampType,
 )
 
-from imageiq_spark import faults, lakehouse
+from imageiq_spark import faults, labels, lakehouse, storage
 from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.probe import EMPTY, TOO_LARGE, ProbeError, probe
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import session_conf, storage_uri
+from imageiq_spark.tables import IMAGES_SCHEMA, QUARANTINE_KEYS, QUARANTINE_SCHEMA, schema
 
 log = logging.getLogger(__name__)
 
-IMAGES_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("path", StringType(), False),
-        StructField("label", StringType(), True),
-        StructField("format", StringType(), False),
-        StructField("width", IntegerType(), False),
-        StructField("height", IntegerType(), False),
-        StructField("channels", IntegerType(), False),
-        StructField("bit_depth", IntegerType(), False),
-        StructField("orientation", IntegerType(), False),
-        StructField("size_bytes", LongType(), False),
-        StructField("modified_at", TimestampType(), True),
-        StructField("content", BinaryType(), False),
-        StructField("ingested_at", TimestampType(), False),
-    ]
-)
-QUARANTINE_SCHEMA = StructType(
-    [
-        StructField("path", StringType(), False),
-        StructField("reason", StringType(), False),
-        StructField("detail", StringType(), True),
-        StructField("stage", StringType(), False),
-        StructField("image_id", StringType(), True),
-        StructField("size_bytes", LongType(), True),
-        StructField("modified_at", TimestampType(), True),
-        StructField("ingested_at", TimestampType(), False),
-    ]
-)
-QUARANTINE_KEYS = ["path", "stage", "image_id", "modified_at"]
 
-BATCH_SCHEMA = StructType(
-    [
-        StructField("path", StringType(), False),
-        StructField("modificationTime", TimestampType(), True),
-        StructField("length", LongType(), False),
-        StructField("content", BinaryType(), True),
-        StructField("label", StringType(), True),
-    ]
+BATCH_SCHEMA = schema(
+    "path STRING NOT NULL, modificationTime TIMESTAMP, length BIGINT NOT NULL, content BINARY, "
+    "label STRING"
 )
 PROBE_FIELDS = [
     StructField("image_id", StringType(), True),
@@ -91,7 +59,11 @@ PROBE_FIELDS = [
     StructField("reason", StringType(), True),
     StructField("detail", StringType(), True),
 ]
-PROBED_SCHEMA = StructType([*BATCH_SCHEMA.fields, *PROBE_FIELDS])
+PROBED_SCHEMA = schema(
+    "path STRING NOT NULL, modificationTime TIMESTAMP, length BIGINT NOT NULL, content BINARY, "
+    "label STRING, image_id STRING, format STRING, width INT, height INT, channels INT, "
+    "bit_depth INT, orientation INT, reason STRING, detail STRING"
+)
 
 
 @dataclass
@@ -100,6 +72,7 @@ class IngestSummary:
     new_images: int = 0
     duplicates: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
+    relabelled: int = 0
     elapsed_s: float = 0.0
 
     def counts(self) -> RunCounts:
@@ -114,6 +87,7 @@ class IngestSummary:
             f"new images:   {self.new_images}",
             f"duplicates:   {self.duplicates}",
             f"quarantined:  {sum(self.quarantined.values())} ({reasons})",
+            f"relabelled:   {self.relabelled}",
             f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
         ]
 
@@ -328,6 +302,21 @@ def ensure_tables(spark: SparkSession, config: Config) -> None:
     lakehouse.ensure_table(spark, config, "quarantine", QUARANTINE_SCHEMA)
 
 
+BATCH_REPORT_SCHEMA = ("files_seen int, new_images int, duplicates int, relabelled int, "
+                       "quarantined map<string, int>")
+
+
+def add_batch_reports(spark: SparkSession, reports: str, summary: IngestSummary) -> None:
+    """Add the micro-batches' counts to `summary`, then delete them."""
+    for row in spark.read.schema(BATCH_REPORT_SCHEMA).parquet(reports).collect():
+        summary.files_seen += row["files_seen"]
+        summary.new_images += row["new_images"]
+        summary.duplicates += row["duplicates"]
+        summary.relabelled += row["relabelled"]
+        summary.quarantined.update(row["quarantined"])
+    storage.delete_dir(reports)
+
+
 def run(spark: SparkSession, config: Config) -> IngestSummary:
     """Ingest every file of `ingest.source` not taken by an earlier run."""
     source = config.ingest.source
@@ -352,13 +341,19 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         .load(source)
     )
 
+    # Each micro-batch appends its counts here: under Spark Connect foreachBatch runs in a Python
+    # process of the server, so what it sees comes back as data, not through this closure.
+    reports = lakehouse.lake_path(config, "staging", "ingest_reports", uuid.uuid4().hex)
+    # Started empty: a run that finds no new file has no batch.
+    spark.createDataFrame([], BATCH_REPORT_SCHEMA).write.parquet(reports)
+
     def write_batch(files: DataFrame, batch_id: int) -> None:
         try:
             write_files(files, batch_id, crashed=[])
         except Exception as exc:  # a Py4J error from Spark: only a dead Python worker is handled
             if not faults.is_worker_crash(exc):
                 raise
-            labelled = label_column(files, spark, config)
+            labelled = label_column(files, files.sparkSession, config)
             crashed = faults.crashing_keys(
                 sorted(r.path for r in files.select("path").collect()),
                 lambda subset: probed_files(labelled.filter(F.col("path").isin(subset)), config).count(),
@@ -370,8 +365,9 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
             write_files(files, batch_id, crashed)
 
     def write_files(files: DataFrame, batch_id: int, crashed: list[str]) -> None:
-        labelled = label_column(files, spark, config)
+        labelled = label_column(files, files.sparkSession, config)
         probed = probed_files(labelled, config, crashed).persist(StorageLevel.DISK_ONLY)
+        relabelled = 0
         try:
             ingested_at = F.current_timestamp()
             counts = Counter({
@@ -392,12 +388,16 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
                     if good
                     else 0
                 )
+            if good > inserted and config.ingest.labels != "none":
+                # Files of images already known: one moved to another label folder relabels it.
+                known = image_rows(probed, ingested_at).where(F.col("label").isNotNull())
+                relabelled = labels.relabel(files.sparkSession, config, known, config.ingest.labels,
+                                            moved_only=True)
         finally:
             probed.unpersist()
-        summary.files_seen += good + sum(counts.values())
-        summary.new_images += inserted
-        summary.duplicates += good - inserted
-        summary.quarantined.update(counts)
+        report = (good + sum(counts.values()), inserted, good - inserted, relabelled, dict(counts))
+        session = files.sparkSession
+        session.createDataFrame([report], BATCH_REPORT_SCHEMA).write.mode("append").parquet(reports)
         log.info("ingest batch %d: %d files, %d new images, %d quarantined", batch_id,
                  good + sum(counts.values()), inserted, sum(counts.values()))
 
@@ -409,5 +409,10 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         .start()
     )
     query.awaitTermination()
+    add_batch_reports(spark, reports, summary)
+    if config.ingest.labels not in ("folder", "none"):
+        ids = lakehouse.read_table(spark, config, "images").select("image_id", "path")
+        listed = label_column(ids, spark, config).where(F.col("label").isNotNull())
+        summary.relabelled += labels.relabel(spark, config, listed, config.ingest.labels)
     summary.elapsed_s = time.monotonic() - started
     return summary

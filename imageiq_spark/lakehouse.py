@@ -23,8 +23,7 @@ from delta.exceptions import (
     MetadataChangedException,
     ProtocolChangedException,
 )
-from delta.tables import DeltaTable
-from pyspark.errors import AnalysisException
+from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TABLES = (
     "images", "quarantine", "prepared", "prepared_labels", "prepared_versions", "prepared_stats",
-    "predictions", "evaluations", "model_aliases",
+    "predictions", "evaluations", "model_aliases", "alias_history", "image_labels",
     "job_runs", "image_profiles", "monitor_profiles", "monitor_drift", "alerts", "champion_decisions",
     "image_hashes", "near_duplicates", "near_duplicate_clusters", "embeddings", "image_splits",
 )
@@ -46,6 +45,11 @@ CONFLICTS = (
     MetadataChangedException,
     ProtocolChangedException,
 )
+#: The same conflicts by error condition: a Spark Connect client gets no `delta.exceptions` classes.
+CONFLICT_CONDITIONS = frozenset({
+    "DELTA_CONCURRENT_APPEND", "DELTA_CONCURRENT_DELETE_READ", "DELTA_CONCURRENT_TRANSACTION",
+    "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+})
 T = TypeVar("T")
 #: Session settings for writes of image bytes and tensors: Parquet row groups of 8 MB, so that Spark
 #: splits a scan of the table over the cores evenly by bytes. A default 128 MB row group cannot be
@@ -69,13 +73,21 @@ def lake_path(config: Config, *parts: str) -> str:
     return "/".join([storage_uri(config.storage.root), *parts])
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is a Delta commit that lost to a concurrent writer (classic or Connect)."""
+    if isinstance(exc, CONFLICTS):
+        return True
+    condition = exc.getCondition() if isinstance(exc, PySparkException) else None
+    return bool(condition) and condition.split(".")[0] in CONFLICT_CONDITIONS
+
+
 def with_conflict_retry(action: Callable[[], T], what: str, attempts: int = 5) -> T:
     """Run a Delta write, retrying when a concurrent writer committed first."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except CONFLICTS as exc:
-            if attempt == attempts:
+        except PySparkException as exc:
+            if not is_conflict(exc) or attempt == attempts:
                 raise
             delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("%s: concurrent write (%s); retry %d in %.1fs", what,
@@ -100,15 +112,13 @@ def ensure_table(
     ensure_database(spark, config)
 
     def create() -> None:
-        builder = (
-            DeltaTable.createIfNotExists(spark)
-            .tableName(f"{config.catalog.database}.{table}")
-            .location(table_location(config, table))
-            .addColumns(schema)
-        )
-        if partition_by:
-            builder = builder.partitionedBy(*partition_by)
-        builder.execute()
+        if register_table(spark, config, table):
+            return
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" + ("" if f.nullable else " NOT NULL")
+                            for f in schema.fields)
+        partitioned = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} ({columns}) USING DELTA"
+                  f"{partitioned} LOCATION '{table_location(config, table)}'")
 
     def create_tolerating_race() -> None:
         try:
@@ -117,19 +127,35 @@ def ensure_table(
             # A concurrent job created the folder between our check and our commit; its first
             # commit may still be on its way (the folder exists, its log does not yet).
             deadline = time.monotonic() + CREATE_RACE_WAIT_S
-            while not DeltaTable.isDeltaTable(spark, table_location(config, table)):
+            while not is_delta_table(spark, table_location(config, table)):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
             register_table(spark, config, table)
 
     with_conflict_retry(create_tolerating_race, f"create {table}")
+    add_missing_columns(spark, config, table, schema)
+
+
+def add_missing_columns(spark: SparkSession, config: Config, table: str, schema: StructType) -> None:
+    """Schema evolution: columns of `schema` an existing table lacks are added at its end.
+
+    Delta adds them as nullable and old rows read NULL, so a column is added to a table by adding
+    its StructField (nullable, last) to the schema in `tables`: the next run of the stage does it.
+    """
+    location = table_location(config, table)
+    present = set(spark.read.format("delta").load(location).columns)
+    missing = [f for f in schema.fields if f.name not in present]
+    if missing:
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        with_conflict_retry(lambda: spark.sql(f"ALTER TABLE delta.`{location}` ADD COLUMNS ({columns})"),
+                            f"add columns to {table}")
 
 
 def register_table(spark: SparkSession, config: Config, table: str) -> bool:
     """Register an existing table folder in the session's catalog; False if there is none."""
     location = table_location(config, table)
-    if not DeltaTable.isDeltaTable(spark, location):
+    if not is_delta_table(spark, location):
         return False
     spark.sql(
         f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} USING DELTA LOCATION '{location}'"
@@ -155,7 +181,26 @@ def read_table(spark: SparkSession, config: Config, table: str) -> DataFrame:
 
 
 def table_exists(spark: SparkSession, config: Config, table: str) -> bool:
-    return DeltaTable.isDeltaTable(spark, table_location(config, table))
+    return is_delta_table(spark, table_location(config, table))
+
+
+def is_delta_table(spark: SparkSession, location: str) -> bool:
+    """Whether `location` holds a Delta table. SQL rather than Delta's Python `DeltaTable`, which
+    Spark Connect serves only with Delta's Connect plugin on the server."""
+    try:
+        detail = spark.sql(f"DESCRIBE DETAIL delta.`{location}`").select("format").first()
+    except AnalysisException:
+        return False
+    return detail is not None and detail["format"] == "delta"
+
+
+def history(spark: SparkSession, location: str, limit: int | None = None) -> DataFrame:
+    """The Delta table's commit history, newest first (DESCRIBE HISTORY's columns)."""
+    return spark.sql(f"DESCRIBE HISTORY delta.`{location}`" + (f" LIMIT {limit}" if limit else ""))
+
+
+def latest_version(spark: SparkSession, location: str) -> int:
+    return int(history(spark, location, 1).select("version").first()[0])
 
 
 def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: str,

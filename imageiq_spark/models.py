@@ -7,7 +7,8 @@ std; with pretrained weights (`imagenet` or a file) they are the ones the archit
 pretrained with, and training is transfer learning: a frozen base first, then its top layers.
 
 tf-keras (Keras 2) is used throughout, with `TF_USE_LEGACY_KERAS=1` set before TensorFlow loads:
-MultiWorkerMirroredStrategy fit fails under Keras 3 (DESIGN.md, stack facts).
+MultiWorkerMirroredStrategy fit fails under Keras 3 (DESIGN.md, stack facts). TensorFlow is
+imported only when a model is built, so the configuration can read `ARCHITECTURES` cheaply.
 """
 
 from __future__ import annotations
@@ -17,26 +18,17 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
 
 from imageiq_spark.config import ConfigError  # noqa: E402
 
-ARCHITECTURES = ("small_cnn", "mobilenet_v2", "resnet50", "efficientnet_b0")
-
-# Input statistics (per RGB channel, 0..255 scale) each pretrained architecture expects.
-_PRETRAINED_STATS = {
-    # MobileNetV2 was trained on x / 127.5 - 1.
-    "mobilenet_v2": ([127.5] * 3, [127.5] * 3),
-    # ResNet50 ("caffe" mode) on BGR minus the ImageNet mean; the channel order is swapped below.
-    "resnet50": ([103.939, 116.779, 123.68], [1.0] * 3),
-    # EfficientNet rescales inside the network and takes 0..255.
-    "efficientnet_b0": ([0.0] * 3, [1.0] * 3),
-}
+if TYPE_CHECKING:
+    import tf_keras as keras
 
 
 @dataclass(frozen=True)
@@ -54,7 +46,39 @@ class ModelSpec:
 
     @property
     def pretrained(self) -> bool:
-        return self.architecture != "small_cnn" and self.weights != "none"
+        """A base with ImageNet or file weights, trained by transfer learning."""
+        return ARCHITECTURES[self.architecture].imagenet_stats is not None and self.weights != "none"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One entry of the model zoo: one of `ARCHITECTURES`."""
+
+    #: ModelSpec -> uncompiled Keras model, uint8 [n, h, w, c] in, softmax probabilities out.
+    build: Callable[[ModelSpec], keras.Model]
+    #: `[height, width]` of the input when `preprocess.size` is empty.
+    input_size: tuple[int, int]
+    #: (mean, std) per RGB channel, 0..255 scale, that its ImageNet weights expect; None when it
+    #: has none (it trains from scratch, and a weights file holds the whole model's weights).
+    imagenet_stats: tuple[list[float], list[float]] | None = None
+
+
+#: The model zoo by name, in registration order: `train.model` accepts these names, the
+#: configuration reference lists them and `Config.image_size` takes their input size. Add one with
+#: the `architecture` decorator.
+ARCHITECTURES: dict[str, Architecture] = {}
+Build = Callable[[ModelSpec], "keras.Model"]
+
+
+def architecture(name: str, input_size: tuple[int, int],
+                 imagenet_stats: tuple[list[float], list[float]] | None = None) -> Callable[[Build], Build]:
+    """Register `build(spec)` as the architecture `name` (see `Architecture`)."""
+
+    def register(build: Build) -> Build:
+        ARCHITECTURES[name] = Architecture(build, input_size, imagenet_stats)
+        return build
+
+    return register
 
 
 def check_weights(architecture: str, weights: str) -> None:
@@ -64,10 +88,10 @@ def check_weights(architecture: str, weights: str) -> None:
             f"config key 'train.model' expects one of {', '.join(ARCHITECTURES)}, got {architecture!r}"
         )
     if weights in ("none", "imagenet"):
-        if architecture == "small_cnn" and weights == "imagenet":
+        if weights == "imagenet" and ARCHITECTURES[architecture].imagenet_stats is None:
             raise ConfigError(
-                "config key 'train.weights': small_cnn has no imagenet weights; use 'none' "
-                "or a path to a weights file saved from a small_cnn"
+                f"config key 'train.weights': {architecture} has no imagenet weights; use 'none' "
+                f"or a path to a weights file saved from a {architecture}"
             )
         return
     if not Path(weights).is_file():
@@ -79,46 +103,17 @@ def check_weights(architecture: str, weights: str) -> None:
 
 def build_model(spec: ModelSpec) -> keras.Model:
     """An uncompiled model: uint8 [n, h, w, c] in, softmax probabilities out."""
-    inputs = keras.Input(shape=(spec.height, spec.width, spec.channels), dtype="uint8", name="image")
-    if spec.architecture == "small_cnn":
-        x = _normalization(spec.mean, spec.std)(inputs)
-        outputs = _small_cnn_head(x, spec.num_classes)
-        model = keras.Model(inputs, outputs, name="small_cnn")
-        if spec.weights != "none":
-            model.load_weights(spec.weights)
-        return model
-
-    mean, std = (spec.mean, spec.std) if not spec.pretrained else _PRETRAINED_STATS[spec.architecture]
-    x = inputs
-    if spec.channels != 3 or (spec.pretrained and spec.architecture == "resnet50"):
-        # Gray -> RGB (or RGB -> BGR for caffe-style weights) as a fixed 1x1 convolution.
-        x = _channel_mixer(spec.channels, bgr=spec.pretrained and spec.architecture == "resnet50")(x)
-    x = _normalization(mean, std)(x)
-    base = _base(spec)
-    x = base(x, training=False) if spec.pretrained else base(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=spec.architecture)
+    return ARCHITECTURES[spec.architecture].build(spec)
 
 
-def _normalization(mean: Sequence[float], std: Sequence[float]) -> keras.layers.Layer:
-    variance = np.square(np.asarray(std, dtype="float64")).tolist()
-    return keras.layers.Normalization(axis=-1, mean=list(mean), variance=variance, name="normalize")
+@architecture("small_cnn", input_size=(32, 32))
+def _small_cnn(spec: ModelSpec) -> keras.Model:
+    """Four 3x3 convolutions in two pooled blocks, one more, global pooling: trained from scratch."""
+    import tf_keras as keras
 
-
-def _channel_mixer(channels: int, bgr: bool) -> keras.layers.Layer:
-    kernel = np.zeros((1, 1, channels, 3), dtype="float32")
-    for out in range(3):
-        source = (2 - out if bgr else out) if channels == 3 else 0
-        kernel[0, 0, source, out] = 1.0
-    layer = keras.layers.Conv2D(3, 1, use_bias=False, trainable=False, name="to_rgb",
-                                kernel_initializer=keras.initializers.Constant(kernel))
-    return layer
-
-
-def _small_cnn_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
     layers = keras.layers
+    inputs = keras.Input(shape=(spec.height, spec.width, spec.channels), dtype="uint8", name="image")
+    x = _normalization(spec.mean, spec.std)(inputs)
     for filters in (32, 64):
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
@@ -126,27 +121,88 @@ def _small_cnn_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor
     x = layers.Conv2D(128, 3, padding="same", activation="relu")(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
-    return layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="small_cnn")
+    if spec.weights != "none":
+        model.load_weights(spec.weights)
+    return model
 
 
-def _base(spec: ModelSpec) -> keras.Model:
-    constructors = {
-        "mobilenet_v2": keras.applications.MobileNetV2,
-        "resnet50": keras.applications.ResNet50,
-        "efficientnet_b0": keras.applications.EfficientNetB0,
-    }
-    weights = "imagenet" if spec.weights == "imagenet" else None
-    base = constructors[spec.architecture](
-        include_top=False, weights=weights, input_shape=(spec.height, spec.width, 3)
-    )
+# MobileNetV2 was trained on x / 127.5 - 1.
+@architecture("mobilenet_v2", input_size=(224, 224), imagenet_stats=([127.5] * 3, [127.5] * 3))
+def _mobilenet_v2(spec: ModelSpec) -> keras.Model:
+    import tf_keras as keras
+
+    return on_base(spec, keras.applications.MobileNetV2)
+
+
+# ResNet50 ("caffe" mode) on BGR minus the ImageNet mean; `on_base` swaps the channel order.
+@architecture("resnet50", input_size=(224, 224), imagenet_stats=([103.939, 116.779, 123.68], [1.0] * 3))
+def _resnet50(spec: ModelSpec) -> keras.Model:
+    import tf_keras as keras
+
+    return on_base(spec, keras.applications.ResNet50, bgr=spec.pretrained)
+
+
+# EfficientNet rescales inside the network and takes 0..255.
+@architecture("efficientnet_b0", input_size=(224, 224), imagenet_stats=([0.0] * 3, [1.0] * 3))
+def _efficientnet_b0(spec: ModelSpec) -> keras.Model:
+    import tf_keras as keras
+
+    return on_base(spec, keras.applications.EfficientNetB0)
+
+
+def on_base(spec: ModelSpec, base: Callable[..., keras.Model], bgr: bool = False) -> keras.Model:
+    """A classifier on a Keras base network without its top (`keras.applications` signature:
+    include_top, weights, input_shape): RGB input, normalised, pooled, dropout, softmax.
+
+    With pretrained weights the base is frozen and normalised with its `imagenet_stats`; `bgr`
+    feeds it BGR (caffe-style weights).
+    """
+    import tf_keras as keras
+
+    inputs = keras.Input(shape=(spec.height, spec.width, spec.channels), dtype="uint8", name="image")
+    stats = ARCHITECTURES[spec.architecture].imagenet_stats
+    mean, std = stats if spec.pretrained and stats else (spec.mean, spec.std)
+    x = inputs
+    if spec.channels != 3 or bgr:
+        # Gray -> RGB (or RGB -> BGR for caffe-style weights) as a fixed 1x1 convolution.
+        x = _channel_mixer(spec.channels, bgr=bgr)(x)
+    x = _normalization(mean, std)(x)
+    network = base(include_top=False, weights="imagenet" if spec.weights == "imagenet" else None,
+                   input_shape=(spec.height, spec.width, 3))
     if spec.weights not in ("none", "imagenet"):
-        base.load_weights(spec.weights)
-    base.trainable = not spec.pretrained
-    return base
+        network.load_weights(spec.weights)
+    network.trainable = not spec.pretrained
+    x = network(x, training=False) if spec.pretrained else network(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=spec.architecture)
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float]) -> keras.layers.Layer:
+    import tf_keras as keras
+
+    variance = np.square(np.asarray(std, dtype="float64")).tolist()
+    return keras.layers.Normalization(axis=-1, mean=list(mean), variance=variance, name="normalize")
+
+
+def _channel_mixer(channels: int, bgr: bool) -> keras.layers.Layer:
+    import tf_keras as keras
+
+    kernel = np.zeros((1, 1, channels, 3), dtype="float32")
+    for out in range(3):
+        source = (2 - out if bgr else out) if channels == 3 else 0
+        kernel[0, 0, source, out] = 1.0
+    return keras.layers.Conv2D(3, 1, use_bias=False, trainable=False, name="to_rgb",
+                               kernel_initializer=keras.initializers.Constant(kernel))
 
 
 def unfreeze_top(model: keras.Model, layers: int) -> None:
     """Fine-tuning: make the base's top `layers` trainable; BatchNorm stays frozen (small batches)."""
+    import tf_keras as keras
+
     base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     base.trainable = True
     for i, layer in enumerate(base.layers):
@@ -155,6 +211,8 @@ def unfreeze_top(model: keras.Model, layers: int) -> None:
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
+    import tf_keras as keras
+
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",

@@ -21,7 +21,7 @@ import datetime
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -30,64 +30,36 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType
+from pyspark.sql.types import StructType
 
-from imageiq_spark import drift, lakehouse
-from imageiq_spark.config import Config
+from imageiq_spark import drift, lakehouse, tables
+from imageiq_spark.config import Config, to_dict
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.tensors import binary_views
 
 log = logging.getLogger(__name__)
 
-IMAGE_PROFILES_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("brightness", DoubleType(), True),
-        StructField("contrast", DoubleType(), True),
-        StructField("sharpness", DoubleType(), True),
-        StructField("profiled_at", TimestampType(), False),
-    ]
+IMAGE_PROFILES_SCHEMA = tables.schema(
+    "image_id STRING NOT NULL, brightness DOUBLE, contrast DOUBLE, sharpness DOUBLE, "
+    "profiled_at TIMESTAMP NOT NULL"
 )
-_WINDOW_FIELDS = [
-    StructField("window_start", TimestampType(), False),
-    StructField("window_end", TimestampType(), False),
-    StructField("source", StringType(), False),
-    StructField("model_name", StringType(), False),
-    StructField("model_version", StringType(), False),
-    StructField("metric", StringType(), False),
-]
-PROFILES_SCHEMA = StructType(
-    [
-        *_WINDOW_FIELDS,
-        StructField("key", StringType(), True),
-        StructField("value", DoubleType(), True),
-        StructField("rows", LongType(), False),
-        StructField("computed_at", TimestampType(), False),
-    ]
+#: The key columns of `monitor_profiles` and `monitor_drift`: one row per window, source, model, metric.
+_WINDOW_COLUMNS = (
+    "window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, source STRING NOT NULL, "
+    "model_name STRING NOT NULL, model_version STRING NOT NULL, metric STRING NOT NULL, "
 )
-DRIFT_SCHEMA = StructType(
-    [
-        *_WINDOW_FIELDS,
-        StructField("value", DoubleType(), True),
-        StructField("threshold", DoubleType(), True),
-        StructField("window_rows", LongType(), False),
-        StructField("baseline_rows", LongType(), False),
-        StructField("computed_at", TimestampType(), False),
-    ]
+PROFILES_SCHEMA = tables.schema(
+    _WINDOW_COLUMNS + "key STRING, value DOUBLE, rows BIGINT NOT NULL, computed_at TIMESTAMP NOT NULL"
 )
-ALERTS_SCHEMA = StructType(
-    [
-        StructField("metric", StringType(), False),
-        StructField("window_start", TimestampType(), False),
-        StructField("window_end", TimestampType(), False),
-        StructField("source", StringType(), False),
-        StructField("model_name", StringType(), False),
-        StructField("model_version", StringType(), False),
-        StructField("value", DoubleType(), False),
-        StructField("threshold", DoubleType(), False),
-        StructField("severity", StringType(), False),
-        StructField("raised_at", TimestampType(), False),
-    ]
+DRIFT_SCHEMA = tables.schema(
+    _WINDOW_COLUMNS + "value DOUBLE, threshold DOUBLE, window_rows BIGINT NOT NULL, "
+    "baseline_rows BIGINT NOT NULL, computed_at TIMESTAMP NOT NULL"
+)
+ALERTS_SCHEMA = tables.schema(
+    "metric STRING NOT NULL, window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, "
+    "source STRING NOT NULL, model_name STRING NOT NULL, model_version STRING NOT NULL, "
+    "value DOUBLE NOT NULL, threshold DOUBLE NOT NULL, severity STRING NOT NULL, "
+    "raised_at TIMESTAMP NOT NULL"
 )
 ALERT_KEYS = ["metric", "window_start", "source", "model_name", "model_version"]
 #: Continuous variables and the grid they are counted on (`drift` module docstring).
@@ -369,6 +341,8 @@ def online_predictions(spark: SparkSession, config: Config, model: Champion) -> 
 
     try:
         logged = spark.read.parquet(lakehouse.lake_path(config, "request_log"))
+        # Analysed here: a Spark Connect client reads lazily and would fail only at the first action.
+        logged.schema  # noqa: B018
     except AnalysisException:  # no log folder: the server never logged, or request_log is off
         return None
     return logged.where((F.col("model_name") == model.name) & (F.col("model_version") == model.version))
@@ -451,7 +425,7 @@ class MonitorSummary:
 
 
 def thresholds(config: Config) -> dict[str, float | None]:
-    return asdict(config.monitor.thresholds)
+    return to_dict(config.monitor.thresholds)
 
 
 def alerts_for(config: Config, source: str, window: datetime.datetime, values: dict[str, float],
@@ -594,7 +568,7 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     """PNG + Markdown of the latest window under storage.root, also logged to an MLflow run."""
     import mlflow
 
-    from imageiq_spark.preprocess import write_bytes
+    from imageiq_spark.storage import write_bytes
     from imageiq_spark.tracking import configure_mlflow
 
     picture = "drift.png"

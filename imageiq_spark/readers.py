@@ -16,7 +16,6 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # noqa: E402
-import shutil  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -27,7 +26,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from pyspark.sql import DataFrame  # noqa: E402
 
-from imageiq_spark.config import AugmentConfig, Config  # noqa: E402
+from imageiq_spark import storage  # noqa: E402
+from imageiq_spark.config import AugmentConfig, Config, ConfigError  # noqa: E402
 from imageiq_spark.lakehouse import lake_path  # noqa: E402
 
 Reader = Literal["petastorm", "arrow"]
@@ -119,7 +119,8 @@ def arrow_batches(uri: str, row_size: int, shard_index: int = 0, shard_count: in
     """(tensor bytes [n], label_index [n]) record batches of one shard (rows i % count == index)."""
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(_local_path(uri), format="parquet")
+    filesystem, path = storage.filesystem(uri)
+    dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
     offset = 0
     for batch in dataset.to_batches(columns=COLUMNS, batch_size=1024):
         n = batch.num_rows
@@ -167,16 +168,20 @@ def _augments(augment: AugmentConfig) -> bool:
                 or augment.contrast)
 
 
-def _local_path(uri: str) -> str:
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return parsed.path
-    # pyarrow speaks s3:// where Spark speaks s3a://.
-    return "s3://" + uri[len("s3a://"):] if parsed.scheme == "s3a" else uri
-
-
 def cache_root(config: Config) -> str:
-    return lake_path(config, "cache", "train")
+    return config.train.cache_uri.rstrip("/") or lake_path(config, "cache", "train")
+
+
+def check_reader(config: Config) -> None:
+    """Petastorm 0.13 reads object storage only through s3fs, with which pyarrow 14 fails
+    ("Keyword 'validate_schema' is not yet supported"): catch that before any work is done."""
+    root = cache_root(config)
+    if config.train.reader == "petastorm" and urlparse(root).scheme in storage.OBJECT_STORE_SCHEMES:
+        raise ConfigError(
+            f"config key 'train.reader' is 'petastorm', which cannot read its training cache from "
+            f"object storage ('{root}'); set train.reader: arrow (reads s3a:// directly), or "
+            "train.cache_uri to a file system every training worker reaches (hdfs://, NFS, /dbfs)"
+        )
 
 
 def materialize(split: DataFrame, config: Config, reader: Reader, shape: tuple[int, int, int],
@@ -203,4 +208,4 @@ def release(source: SplitSource) -> None:
     if source.reader == "petastorm":
         source.handle.delete()
     else:
-        shutil.rmtree(_local_path(source.handle), ignore_errors=True)
+        storage.delete_dir(source.handle)

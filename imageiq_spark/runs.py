@@ -20,30 +20,19 @@ from typing import Any, Protocol, TypeVar
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config, ConfigError, loggable_params
+from imageiq_spark.tables import schema
 
 log = logging.getLogger(__name__)
 
-JOB_RUNS_SCHEMA = StructType(
-    [
-        StructField("stage", StringType(), False),
-        StructField("run_id", StringType(), False),
-        StructField("started_at", TimestampType(), False),
-        StructField("ended_at", TimestampType(), False),
-        StructField("status", StringType(), False),
-        StructField("exit_code", LongType(), False),
-        StructField("rows_read", LongType(), True),
-        StructField("rows_written", LongType(), True),
-        StructField("rows_quarantined", LongType(), True),
-        StructField("config_fingerprint", StringType(), False),
-        StructField("spark_app_id", StringType(), True),
-        StructField("model_name", StringType(), True),
-        StructField("model_version", StringType(), True),
-        StructField("error", StringType(), True),
-    ]
+JOB_RUNS_SCHEMA = schema(
+    "stage STRING NOT NULL, run_id STRING NOT NULL, started_at TIMESTAMP NOT NULL, "
+    "ended_at TIMESTAMP NOT NULL, status STRING NOT NULL, exit_code BIGINT NOT NULL, "
+    "rows_read BIGINT, rows_written BIGINT, rows_quarantined BIGINT, "
+    "config_fingerprint STRING NOT NULL, spark_app_id STRING, model_name STRING, "
+    "model_version STRING, error STRING"
 )
 #: The longest error summary kept in a row: the cause, not a whole stack trace.
 ERROR_CHARS = 1000

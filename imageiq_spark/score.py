@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -39,51 +39,29 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import (
-    ArrayType,
-    DateType,
-    DoubleType,
-    StringType,
-    StructField,
-    StructType,
-    TimestampType,
-)
+from pyspark.sql.types import StructType
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import spread
+from imageiq_spark.tables import schema
 from imageiq_spark.tensors import binary_views, tensors_from_binary
 
 log = logging.getLogger(__name__)
 
-TOP_K_TYPE = ArrayType(
-    StructType([StructField("label", StringType(), True), StructField("probability", DoubleType(), True)])
-)
-PREDICTIONS_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("predicted_label", StringType(), True),
-        StructField("confidence", DoubleType(), True),
-        StructField("top_k", TOP_K_TYPE, True),
-        StructField("model_name", StringType(), False),
-        StructField("model_version", StringType(), False),
-        StructField("run_id", StringType(), True),
-        StructField("scored_at", TimestampType(), False),
-        StructField("score_date", DateType(), False),
-    ]
+#: `top_k`: the k most probable labels, most probable first.
+_TOP_K = "ARRAY<STRUCT<label: STRING, probability: DOUBLE>>"
+PREDICTIONS_SCHEMA = schema(
+    f"image_id STRING NOT NULL, predicted_label STRING, confidence DOUBLE, top_k {_TOP_K}, "
+    "model_name STRING NOT NULL, model_version STRING NOT NULL, run_id STRING, "
+    "scored_at TIMESTAMP NOT NULL, score_date DATE NOT NULL"
 )
 PREDICTION_KEYS = ["image_id", "model_name", "model_version"]
 # What the inference UDF returns per image: a prediction, or the reason it could not decode.
-SCORED_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), True),
-        StructField("predicted_label", StringType(), True),
-        StructField("confidence", DoubleType(), True),
-        StructField("top_k", TOP_K_TYPE, True),
-        StructField("error", StringType(), True),
-        StructField("error_detail", StringType(), True),
-    ]
+SCORED_SCHEMA = schema(
+    f"image_id STRING, predicted_label STRING, confidence DOUBLE, top_k {_TOP_K}, error STRING, "
+    "error_detail STRING"
 )
 _ARROW_TOP_K = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))
 _ARROW_SCORED = pa.schema(
@@ -309,11 +287,10 @@ def with_model_columns(scored: DataFrame, name: str, version: str, run_id: str |
 
 def remove_staging(uri: str) -> None:
     """Delete a staging folder (local, file:, s3a:// or s3://); a leftover is only wasted space."""
-    from pyarrow import fs
+    from imageiq_spark import storage
 
     try:
-        filesystem, path = fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
-        filesystem.delete_dir(path)
+        storage.delete_dir(uri)
     except (OSError, pa.ArrowException) as exc:
         log.warning("could not remove staging folder %s: %s", uri, exc)
 
@@ -322,7 +299,7 @@ def quarantine_failed(config: Config, staged: DataFrame, images: DataFrame, stag
                       at: datetime.datetime) -> int:
     """Staged rows of a model pass whose image could not be decoded -> `quarantine`, under this
     stage; returns how many there were."""
-    from imageiq_spark.ingest import QUARANTINE_KEYS, QUARANTINE_SCHEMA
+    from imageiq_spark.tables import QUARANTINE_KEYS, QUARANTINE_SCHEMA
 
     failed = staged.where(F.col("error").isNotNull())
     count = failed.count()
@@ -365,6 +342,45 @@ class ScoreSummary:
         ]
 
 
+def model_pass(
+    spark: SparkSession,
+    config: Config,
+    summary: ScoreSummary,
+    table: str,
+    table_schema: StructType,
+    keys: list[str],
+    stage: str,
+    predict: Callable[[DataFrame, datetime.datetime], DataFrame],
+    output: Callable[[DataFrame, datetime.datetime], DataFrame],
+) -> None:
+    """The pass score and embed share; fills `summary`'s counts.
+
+    The images without a row of the summary's model version in `table` go through `predict`
+    (rows with `error` set where an image cannot be decoded), staged to Parquet so the model
+    runs once; the good rows, shaped by `output`, are merged insert-only on `keys`, and the
+    undecodable images are quarantined under `stage`.
+    """
+    if not lakehouse.table_exists(spark, config, "images"):
+        raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
+    lakehouse.ensure_table(spark, config, table, table_schema)
+    images = lakehouse.read_table(spark, config, "images")
+    todo = unscored(images.select("image_id", "content"), lakehouse.read_table(spark, config, table),
+                    summary.model_name, summary.model_version)
+    at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
+    try:
+        predict(todo, at).write.parquet(staging)
+        staged = spark.read.parquet(staging)
+        summary.candidates = staged.count()
+        good = output(staged.where(F.col("error").isNull()), at)
+        summary.inserted = lakehouse.merge_new_rows(config, table, good, keys,
+                                                    attempts=config.score.merge_retries)
+        summary.failed = quarantine_failed(config, staged, images, stage, at)
+    finally:
+        remove_staging(staging)
+    lakehouse.register_tables(spark, config)
+
+
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> ScoreSummary:
     """Score every image without a prediction from the model version behind `model_uri`."""
     from imageiq_spark import tracking
@@ -376,27 +392,11 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
     # The key names the exact version and run, so a worker never serves a stale model.
     loader = RegistryLoader(config, pinned, key=f"{pinned}#{run_id}")
     summary = ScoreSummary(name, version)
-
-    if not lakehouse.table_exists(spark, config, "images"):
-        raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
-    lakehouse.ensure_table(spark, config, "predictions", PREDICTIONS_SCHEMA)
-    images = lakehouse.read_table(spark, config, "images")
-    todo = unscored(images.select("image_id", "content"),
-                    lakehouse.read_table(spark, config, "predictions"), name, version)
-
-    scored_at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-    staging = lakehouse.lake_path(config, "staging", "predictions", uuid.uuid4().hex)
-    try:
-        with_model_columns(score_contents(todo, loader, config.score.top_k), name, version, run_id,
-                           scored_at).write.parquet(staging)
-        staged = spark.read.parquet(staging)
-        summary.candidates = staged.count()
-        good = staged.where(F.col("error").isNull()).select(*PREDICTIONS_SCHEMA.fieldNames())
-        summary.inserted = lakehouse.merge_new_rows(config, "predictions", good, PREDICTION_KEYS,
-                                                    attempts=config.score.merge_retries)
-        summary.failed = quarantine_failed(config, staged, images, "score", scored_at)
-    finally:
-        remove_staging(staging)
-    lakehouse.register_tables(spark, config)
+    model_pass(
+        spark, config, summary, "predictions", PREDICTIONS_SCHEMA, PREDICTION_KEYS, "score",
+        lambda todo, at: with_model_columns(score_contents(todo, loader, config.score.top_k), name,
+                                            version, run_id, at),
+        lambda good, _at: good.select(*PREDICTIONS_SCHEMA.fieldNames()),
+    )
     summary.elapsed_s = time.monotonic() - started
     return summary

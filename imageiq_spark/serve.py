@@ -254,9 +254,9 @@ class RequestLog:
     """Online predictions buffered, then written as Parquet files (one per flush) under `uri`."""
 
     def __init__(self, uri: str) -> None:
-        from pyarrow import fs
+        from imageiq_spark import storage
 
-        self.filesystem, self.path = fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
+        self.filesystem, self.path = storage.filesystem(uri)
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 

@@ -3,7 +3,8 @@
 Locally (no spark-submit, no platform) it starts `local[*]` with the Delta jars from the project's
 `jars/` folder, Delta's SQL extension and catalog, a warehouse under `storage.root`, and defaults
 that suit a small machine. Under spark-submit, on EMR or Databricks, the platform's settings win:
-the factory adds only the keys that are not already set, and fetches nothing.
+the factory adds only the keys that are not already set, and fetches nothing. With
+`spark_conf.spark.remote` or $SPARK_REMOTE it builds a Spark Connect session instead.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark import SparkConf
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from imageiq_spark.config import Config
 
@@ -125,10 +129,66 @@ def storage_uri(root: str) -> str:
     return Path(root).expanduser().resolve().as_uri()
 
 
+def local_cluster_home(folder: Path) -> Path:
+    """A Spark home for `local-cluster[...]` masters: symlinks to pip's pyspark and a `work/` of its
+    own. Each worker of a local cluster keeps its executors' folders in `$SPARK_HOME/work`, which
+    for pip's pyspark is inside the installed package."""
+    import pyspark
+
+    package = Path(pyspark.__file__).parent
+    (folder / "work").mkdir(parents=True, exist_ok=True)
+    for part in ("bin", "jars", "python", "sbin"):
+        link = folder / part
+        if not link.exists():
+            link.symlink_to(package / part)
+    return folder
+
+
+def remote_url(config: Config) -> str | None:
+    """Spark Connect's address, `spark_conf.spark.remote` or else $SPARK_REMOTE: `sc://host:port`
+    joins a Connect server, `local[N]` starts one in this process. None for a classic session."""
+    return config.spark_conf.get("spark.remote") or os.environ.get("SPARK_REMOTE") or None
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """True for a Spark Connect session (no SparkContext, RDDs or accumulators)."""
+    # pyspark imports its Connect client (which needs grpc) only when it builds a Connect session.
+    connect = sys.modules.get("pyspark.sql.connect.session")
+    return connect is not None and isinstance(spark, connect.SparkSession)
+
+
+def connect_session(config: Config, remote: str, app_name: str) -> SparkSession:
+    """A Spark Connect session. A `local[N]` remote starts its server in this process, with the
+    same jars and defaults as a local classic session; a server elsewhere keeps its own setup and
+    gets only `spark_conf`'s runtime (SQL) settings."""
+    settings: dict[str, str] = {}
+    if remote.startswith("local"):
+        settings.update(local_defaults(config))
+        settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
+        settings.update(s3a_defaults(os.environ))
+    settings.update(config.spark_conf)
+    # The remote is the master; pyspark sets it on the server it starts.
+    settings.pop("spark.master", None)
+    settings.pop("spark.remote", None)
+    builder = SparkSession.builder.remote(remote).appName(app_name)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    log.info("Spark Connect session: %s", remote)
+    with warnings.catch_warnings():
+        if remote.startswith("local"):
+            # The server started with every setting; pyspark then sets them again on the session,
+            # and the static ones (jars, extensions, warehouse) only warn CANNOT_MODIFY_CONFIG.
+            warnings.filterwarnings("ignore", message=".*CANNOT_MODIFY_CONFIG")
+        return builder.getOrCreate()
+
+
 def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
     """Build (or join) the SparkSession for this process."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    remote = remote_url(config)
+    if remote:
+        return connect_session(config, remote, app_name)
     managed = platform_managed()
     settings: dict[str, str] = {}
     if not managed:
@@ -136,6 +196,9 @@ def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
         settings.update(s3a_defaults(os.environ))
     settings.update(config.spark_conf)
+    if settings.get("spark.master", "").startswith("local-cluster") and "SPARK_HOME" not in os.environ:
+        home = Path(tempfile.gettempdir()) / f"imageiq-spark-home-{os.getuid()}"
+        os.environ["SPARK_HOME"] = str(local_cluster_home(home))
 
     existing = SparkConf()  # under spark-submit this already holds what spark-submit was given
     builder = SparkSession.builder.appName(app_name)
@@ -169,5 +232,11 @@ def spread(df: DataFrame, per_core: int = 2) -> DataFrame:
     512-row table written as two files held nearly every row in one, and one core did all the
     work at half the machine's speed), so under `per_core` partitions per core the rows are dealt
     round-robin; a large table's many files already spread, and are not shuffled."""
-    target = per_core * df.sparkSession.sparkContext.defaultParallelism
+    spark = df.sparkSession
+    if is_connect(spark):
+        # Connect shows neither the SparkContext nor a DataFrame's partitions: a range without a
+        # partition count gets the default parallelism, and every input is dealt round-robin.
+        cores = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("p")).distinct().count()
+        return df.repartition(per_core * cores)
+    target = per_core * spark.sparkContext.defaultParallelism
     return df.repartition(target) if df.rdd.getNumPartitions() < target else df

@@ -60,15 +60,16 @@ def read_query(query: str) -> bytes:
     """The bytes of a local path or a URI (file:, s3a://, s3://)."""
     if Path(query).is_file():
         return Path(query).read_bytes()
-    from pyarrow import fs
+    from imageiq_spark import storage
 
     try:
-        filesystem, path = fs.FileSystem.from_uri(query.replace("s3a://", "s3://", 1))
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
+        contents = storage.read_bytes(query)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"similar: IMAGE '{query}' is neither an image_id in images nor a readable "
                           f"file ({exc})") from exc
+    if contents is None:
+        raise ConfigError(f"similar: IMAGE '{query}' is neither an image_id in images nor a file")
+    return contents
 
 
 def cosine_column(vector: Column, query: np.ndarray) -> Column:
@@ -182,7 +183,7 @@ def contact_sheet(result: SimilarResult, contents: dict[str, bytes], query_bytes
 def write_contact_sheet(spark: SparkSession, config: Config, result: SimilarResult,
                         query_bytes: bytes | None = None) -> str:
     """Write the result's contact sheet under <storage.root>/reports/similar/; returns its URI."""
-    from imageiq_spark.preprocess import write_bytes
+    from imageiq_spark.storage import write_bytes
 
     images = lakehouse.read_table(spark, config, "images")
     wanted = [n.image_id for n in result.neighbours]

@@ -23,22 +23,18 @@ from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config
-from imageiq_spark.preprocess import split_column
+from imageiq_spark.preprocess_udf import split_column
+from imageiq_spark.tables import schema
 
 SPLITS_TABLE = "image_splits"
-SPLITS_SCHEMA = StructType(
-    [
-        StructField("image_id", StringType(), False),
-        StructField("split", StringType(), False),
-        #: `hash` (own image_id), `cluster` (a near-duplicate cluster's) or `prepared` (kept from
-        #: a `prepared` row written before the table existed).
-        StructField("rule", StringType(), False),
-        StructField("assigned_at", TimestampType(), False),
-    ]
+#: `rule`: `hash` (own image_id), `cluster` (a near-duplicate cluster's) or `prepared` (kept from
+#: a `prepared` row written before the table existed).
+SPLITS_SCHEMA = schema(
+    "image_id STRING NOT NULL, split STRING NOT NULL, rule STRING NOT NULL, "
+    "assigned_at TIMESTAMP NOT NULL"
 )
 
 

@@ -1,4 +1,5 @@
-"""MLflow set-up shared by train, evaluate and score, and the `model_aliases` table.
+"""MLflow set-up shared by train, evaluate and score, and the `model_aliases` and `alias_history`
+tables.
 
 Without `mlflow.tracking_uri` the tracking store is SQLite at `<storage.root>/mlflow.db` and the
 artifacts live under `<storage.root>/mlruns`, so a lakehouse folder carries its whole history.
@@ -6,17 +7,19 @@ artifacts live under `<storage.root>/mlruns`, so a lakehouse folder carries its 
 
 from __future__ import annotations
 
+import datetime
+import getpass
 import logging
 import os
 from pathlib import Path
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.session import storage_uri
+from imageiq_spark.tables import schema
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -28,13 +31,15 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-MODEL_ALIASES_SCHEMA = StructType(
-    [
-        StructField("model_name", StringType(), False),
-        StructField("alias", StringType(), False),
-        StructField("model_version", StringType(), False),
-        StructField("updated_at", TimestampType(), False),
-    ]
+MODEL_ALIASES_SCHEMA = schema(
+    "model_name STRING NOT NULL, alias STRING NOT NULL, model_version STRING NOT NULL, "
+    "updated_at TIMESTAMP NOT NULL"
+)
+#: One row per alias move: the gate's (`gate`), an operator's `promote` or `rollback`.
+ALIAS_HISTORY_SCHEMA = schema(
+    "model_name STRING NOT NULL, alias STRING NOT NULL, model_version STRING NOT NULL, "
+    "previous_version STRING, action STRING NOT NULL, reason STRING NOT NULL, changed_by STRING, "
+    "changed_at TIMESTAMP NOT NULL"
 )
 
 
@@ -53,8 +58,12 @@ def tracking_uri(config: Config) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
-def artifact_location(config: Config) -> str:
-    """`<storage.root>/mlruns`; MLflow speaks `s3://` where Spark speaks `s3a://`."""
+def artifact_location(config: Config) -> str | None:
+    """`<storage.root>/mlruns` for a store of our own; MLflow speaks `s3://` where Spark speaks
+    `s3a://`. A tracking server chooses (None): it proxies artifacts to its own destination, so
+    clients and executors need no keys of the bucket behind it."""
+    if config.mlflow.tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
     root = storage_uri(config.storage.root)
     if root.startswith("s3a://"):
         root = "s3://" + root[len("s3a://"):]
@@ -112,14 +121,43 @@ def resolve_model(config: Config, model_uri: str) -> tuple[str, str, str]:
     return name, str(version.version), version.run_id
 
 
-def record_alias(spark: SparkSession, config: Config, name: str, alias: str, version: str) -> None:
-    """Upsert (model_name, alias) -> model_version into the Delta table `model_aliases`."""
+def recorded_alias(spark: SparkSession, config: Config, name: str, alias: str) -> str | None:
+    """The version `model_aliases` gives the alias, or None."""
+    if not lakehouse.table_exists(spark, config, "model_aliases"):
+        return None
+    row = (lakehouse.read_table(spark, config, "model_aliases")
+           .where((F.col("model_name") == name) & (F.col("alias") == alias)).select("model_version").first())
+    return None if row is None else row[0]
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return None
+
+
+def record_alias(spark: SparkSession, config: Config, name: str, alias: str, version: str,
+                 action: str = "gate", reason: str = "") -> None:
+    """Upsert (model_name, alias) -> model_version into the Delta table `model_aliases`, and
+    append the move, with its reason, to `alias_history`."""
+    previous = recorded_alias(spark, config, name, alias)
     lakehouse.ensure_table(spark, config, "model_aliases", MODEL_ALIASES_SCHEMA)
+    lakehouse.ensure_table(spark, config, "alias_history", ALIAS_HISTORY_SCHEMA)
     rows = spark.createDataFrame(
         [(name, alias, str(version))], "model_name string, alias string, model_version string"
     ).withColumn("updated_at", F.current_timestamp())
     lakehouse.merge(
         config, "model_aliases", rows, "t.model_name = s.model_name AND t.alias = s.alias",
         "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
+    )
+    move = spark.createDataFrame(
+        [(name, alias, str(version), previous, action, reason, _user(), datetime.datetime.now())],
+        ALIAS_HISTORY_SCHEMA,
+    )
+    lakehouse.with_conflict_retry(
+        lambda: move.write.format("delta").mode("append").save(
+            lakehouse.table_location(config, "alias_history")),
+        "append alias_history",
     )
     lakehouse.register_tables(spark, config)

@@ -19,6 +19,10 @@ same config and data resumes there, in the same MLflow run. Early stopping on va
 restores the best weights. The model is logged as a self-contained pyfunc, registered under
 `mlflow.registered_model`, and takes alias `champion` only if it beats the current champion on
 the same val images (`imageiq_spark.champion`), else `challenger`.
+
+A run whose inputs equal the last registered version's (`training_fingerprint`: the train config,
+the preprocess version and the labelled train/val rows of `prepared`) trains nothing: a rerun night
+neither registers a new version nor moves an alias. `imageiq train --force` trains anyway.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -40,22 +45,23 @@ from collections.abc import Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-from urllib.parse import urlparse  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
-from delta.tables import DeltaTable  # noqa: E402
 from pyspark import BarrierTaskContext  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from imageiq_spark import champion, lakehouse, models, readers  # noqa: E402
+from imageiq_spark import champion, lakehouse, models, readers, storage  # noqa: E402
 from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
 from imageiq_spark.runs import RunCounts  # noqa: E402
+from imageiq_spark.session import is_connect  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+#: Model version (and run) tag holding the `training_fingerprint` the version was trained from.
+FINGERPRINT_TAG = "imageiq.train_fingerprint"
 STATE_FILE = "state.json"
 LAST_WEIGHTS = "last.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
@@ -100,16 +106,13 @@ class TrainState:
     run_id: str | None = None
 
     @classmethod
-    def load(cls, directory: str | Path) -> TrainState | None:
-        path = Path(directory) / STATE_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
+    def load(cls, directory: str) -> TrainState | None:
+        data = storage.read_bytes(f"{directory}/{STATE_FILE}")
+        return cls(**json.loads(data)) if data is not None else None
 
-    def save(self, directory: str | Path) -> None:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.__dict__))
-        tmp.replace(path / STATE_FILE)  # atomic: a crash never leaves half a state
+    def save(self, directory: str) -> None:
+        # Whole-file writes: a crash never leaves half a state.
+        storage.write_bytes(f"{directory}/{STATE_FILE}", json.dumps(self.__dict__).encode())
 
 
 @dataclass
@@ -153,6 +156,28 @@ class TrainSummary:
         ]
 
 
+@dataclass
+class TrainSkipped:
+    """`train` found nothing new since the last registered version."""
+
+    model_name: str
+    version: str
+    fingerprint: str
+    prepared_version: int
+    reason: str
+
+    def counts(self) -> RunCounts:
+        # DESIGN.md's job_runs statuses are succeeded/failed: a skip reads and writes no rows.
+        return RunCounts(read=0, written=0, model_version=self.version)
+
+    def lines(self) -> list[str]:
+        return [
+            f"skipped: {self.reason}",
+            f"data: prepared Delta version {self.prepared_version}; training fingerprint {self.fingerprint}",
+            f"registered version: {self.version} (unchanged); `imageiq train --force` trains anyway",
+        ]
+
+
 # ----------------------------------------------------------------------------------- the worker
 
 
@@ -190,11 +215,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 def _save_weights(model: Any, directory: str, name: str) -> None:
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f"tmp-{name}"
-    model.save_weights(str(tmp))
-    tmp.replace(path / name)
+    """Keras writes weights to a local file only; `directory` may be in object storage."""
+    with tempfile.TemporaryDirectory(prefix="imageiq-weights-") as tmp:
+        local = Path(tmp) / name
+        model.save_weights(str(local))
+        storage.put_file(local, f"{directory}/{name}")
+
+
+def _load_weights(model: Any, directory: str, name: str) -> None:
+    with storage.local_copy(f"{directory}/{name}") as local:
+        model.load_weights(local)
 
 
 def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -214,11 +244,11 @@ def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[s
     with strategy.scope():
         model = models.build_model(task.spec)
         if state.epochs_done:
-            model.load_weights(str(Path(task.checkpoint_dir) / LAST_WEIGHTS))
+            _load_weights(model, task.checkpoint_dir, LAST_WEIGHTS)
     checkpoint = EpochCheckpoint(state, task, directory)
-    if state.epochs_done and Path(task.checkpoint_dir, BEST_WEIGHTS).is_file():
+    if state.epochs_done and storage.exists(f"{task.checkpoint_dir}/{BEST_WEIGHTS}"):
         best = models.build_model(task.spec)
-        best.load_weights(str(Path(task.checkpoint_dir) / BEST_WEIGHTS))
+        _load_weights(best, task.checkpoint_dir, BEST_WEIGHTS)
         checkpoint.best_weights = best.get_weights()
 
     phases = [(task.epochs, False)]
@@ -326,8 +356,7 @@ def prepared_version(spark: SparkSession, config: Config) -> int:
             "table 'prepared' does not exist under storage.root "
             f"'{config.storage.root}': run `imageiq preprocess` before `imageiq train`"
         )
-    table = DeltaTable.forPath(spark, lakehouse.table_location(config, "prepared"))
-    return int(table.history(1).select("version").first()[0])
+    return lakehouse.latest_version(spark, lakehouse.table_location(config, "prepared"))
 
 
 def read_splits(spark: SparkSession, config: Config, version: int, preprocess_version: str
@@ -340,17 +369,62 @@ def read_splits(spark: SparkSession, config: Config, version: int, preprocess_ve
     return {split: rows.filter(F.col("split") == split) for split in ("train", "val")}
 
 
-def checkpoint_dir(config: Config, version: int) -> str:
-    """One folder per (train config, data snapshot): a rerun of the same finds its checkpoint."""
-    uri = lakehouse.lake_path(config, "checkpoints", "train",
-                              f"{config.fingerprint('train')}-{config.fingerprint('preprocess')}-v{version}")
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
+def training_fingerprint(spark: SparkSession, config: Config, version: int, preprocess_version: str) -> str:
+    """A hash of what a trained version depends on: `config.fingerprint("train")`, the preprocess
+    version and the labelled train/val rows (image, label, label index, split) of `prepared` at
+    Delta `version`. Tensors are a function of the image and the preprocess version, so they need
+    no hashing; an order-free sum keeps it independent of file layout (OPTIMIZE leaves it as is)."""
+    rows = read_splits(spark, config, version, preprocess_version)
+    labelled = rows["train"].unionByName(rows["val"])
+    row_hash = F.xxhash64("image_id", "label", "label_index", "split").cast("decimal(38,0)")
+    count, total = labelled.agg(F.count("*"), F.coalesce(F.sum(row_hash), F.lit(0))).first()
+    payload = f"{config.fingerprint('train')}|{preprocess_version}|{count}|{total}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def unchanged_since(config: Config, fingerprint: str) -> tuple[str, str] | None:
+    """(version, reason) when the newest registered version was trained from `fingerprint`."""
+    from mlflow.tracking import MlflowClient
+
+    from imageiq_spark.tracking import configure_mlflow
+
+    configure_mlflow(config)
+    name = config.mlflow.registered_model
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    if newest.tags.get(FINGERPRINT_TAG) != fingerprint:
+        return None
+    return str(newest.version), (f"neither prepared's labelled train/val rows nor the training config "
+                                 f"changed since {name} version {newest.version}")
+
+
+def connect_reader(spark: SparkSession, config: Config) -> readers.Reader:
+    """`train.reader`, checked against the session: a Spark Connect session has no barrier mode
+    for `train.distributed.workers` > 1, and no JVM DataFrame for Petastorm's converter, so it
+    reads with the Arrow reader."""
+    if not is_connect(spark):
+        return config.train.reader
+    workers = config.train.distributed.workers
+    if workers > 1:
         raise ConfigError(
-            f"storage.root '{config.storage.root}': training checkpoints need a file system path "
-            "(local, NFS or a /dbfs mount); object storage roots are not supported for train yet"
+            f"config key 'train.distributed.workers' is {workers}, but distributed training runs "
+            "in Spark barrier tasks, which Spark Connect sessions do not offer; set "
+            "train.distributed.workers: 1 (training runs on the driver) or run `imageiq train` "
+            "with a classic session (no spark_conf.spark.remote, no SPARK_REMOTE)"
         )
-    return parsed.path
+    if config.train.reader == "petastorm":
+        log.info("train: Spark Connect session: the arrow reader reads the training cache "
+                 "(Petastorm needs a classic session)")
+    return "arrow"
+
+
+def checkpoint_dir(config: Config, version: int) -> str:
+    """One folder per (train config, data snapshot): a rerun of the same finds its checkpoint.
+    Under storage.root, so a restarted driver (or the chief on another executor) finds it."""
+    return lakehouse.lake_path(config, "checkpoints", "train",
+                               f"{config.fingerprint('train')}-{config.fingerprint('preprocess')}-v{version}")
 
 
 def training_curves_png(history: dict[str, list[float]], path: Path) -> Path:
@@ -389,21 +463,30 @@ def evaluate_split(classifier: Any, source: readers.SplitSource) -> tuple[float,
     return correct / rows, loss / rows
 
 
-def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = ()) -> TrainSummary:
-    """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training)."""
-    from imageiq_spark import preprocess
+def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), force: bool = False
+        ) -> TrainSummary | TrainSkipped:
+    """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training);
+    `force` trains even when nothing changed since the last registered version."""
+    from imageiq_spark import prepared
 
     started = time.monotonic()
     train_config = config.train
     models.check_weights(train_config.model, train_config.weights)
+    readers.check_reader(config)
+    reader = connect_reader(spark, config)
     version = prepared_version(spark, config)
-    spec = preprocess.read_spec(spark, config, preprocess.current_version(config))
-    labels = preprocess.read_label_vocabulary(spark, config)
-    mean, std = preprocess.read_channel_stats(spark, config, spec.version)
+    spec = prepared.read_spec(spark, config, prepared.current_version(config))
+    fingerprint = training_fingerprint(spark, config, version, spec.version)
+    unchanged = unchanged_since(config, fingerprint)
+    if unchanged and not force:
+        log.info("train: skipped, %s", unchanged[1])
+        return TrainSkipped(config.mlflow.registered_model, unchanged[0], fingerprint, version, unchanged[1])
+    labels = prepared.read_label_vocabulary(spark, config)
+    mean, std = prepared.read_channel_stats(spark, config, spec.version)
     splits = read_splits(spark, config, version, spec.version)
     workers = train_config.distributed.workers
     sources = {
-        name: readers.materialize(df, config, train_config.reader, spec.shape, files=2 * workers)
+        name: readers.materialize(df, config, reader, spec.shape, files=2 * workers)
         for name, df in splits.items()
     }
     try:
@@ -429,7 +512,8 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = ()) -> T
             checkpoint_dir=checkpoint_dir(config, version), workers=workers,
             use_gpu=train_config.distributed.use_gpu,
         )
-        summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, started)
+        summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, started,
+                                 fingerprint)
     finally:
         for source in sources.values():
             readers.release(source)
@@ -437,8 +521,8 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = ()) -> T
 
 
 def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version: int,
-                   labels: list[str], spec: Any, callbacks: Sequence[Any], started: float
-                   ) -> TrainSummary:
+                   labels: list[str], spec: Any, callbacks: Sequence[Any], started: float,
+                   fingerprint: str) -> TrainSummary:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -456,6 +540,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
                 "prepared_delta_version": str(version),
                 "preprocess_version": spec.version,
                 "imageiq.stage": "train",
+                FINGERPRINT_TAG: fingerprint,
             })
             TrainState(run_id=run_id).save(task.checkpoint_dir)
         else:
@@ -479,7 +564,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
             mlflow.log_artifact(str(training_curves_png(state.history, Path(tmp) / "training_curves.png")))
 
             model = models.build_model(task.spec)
-            model.load_weights(str(Path(task.checkpoint_dir) / BEST_WEIGHTS))
+            _load_weights(model, task.checkpoint_dir, BEST_WEIGHTS)
             classifier = ImageClassifier(model, labels, spec)
             val_accuracy, val_loss = evaluate_split(classifier, task.val)
             mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss,
@@ -495,8 +580,10 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
         client.set_registered_model_alias(name, alias, registered)
         mlflow.set_tag("registered_model_version", registered)
         mlflow.set_tag("alias", alias)
-    record_alias(spark, config, name, alias, registered)
-    shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
+    record_alias(spark, config, name, alias, registered, reason=f"gate: {decision.reason}")
+    # Tagged last: a run that dies before its alias is recorded is not taken as done by the next.
+    client.set_model_version_tag(name, registered, FINGERPRINT_TAG, fingerprint)
+    storage.delete_dir(task.checkpoint_dir)
     return TrainSummary(
         model=task.spec.architecture, run_id=run_id, version=registered, alias=alias,
         epochs_run=state.epochs_done, resumed_from=resumed_from, best_epoch=state.best_epoch,

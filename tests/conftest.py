@@ -15,10 +15,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
+from cluster import test_master  # noqa: E402
+
 from imageiq_spark.config import Config, from_dict  # noqa: E402
 
 TEST_SPARK_CONF = {
-    "spark.master": "local[2]",
+    # `make test-cluster` runs the suite on separate executor JVMs (IMAGEIQ_TEST_MASTER).
+    "spark.master": test_master(),
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "2",
@@ -53,8 +56,10 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory, s3_server):
-    from imageiq_spark.session import get_spark
+    from imageiq_spark.session import get_spark, local_cluster_home
 
+    if test_master().startswith("local-cluster"):
+        os.environ["SPARK_HOME"] = str(local_cluster_home(tmp_path_factory.mktemp("spark_home")))
     config = make_config(
         tmp_path_factory.mktemp("session"), spark_conf={**TEST_SPARK_CONF, **s3_server.spark_conf}
     )

@@ -91,6 +91,13 @@ def upload_tree(s3: S3Server, local: Path, bucket: str, prefix: str) -> list[str
     return keys
 
 
+def upload_source(s3: S3Server, local: Path, bucket: str) -> str:
+    """Upload a folder of images under a fresh prefix; returns its s3a:// URI for `ingest.source`."""
+    prefix = f"incoming-{secrets.token_hex(4)}"
+    upload_tree(s3, local, bucket, prefix)
+    return f"s3a://{bucket}/{prefix}"
+
+
 def list_keys(s3: S3Server, bucket: str, prefix: str) -> Iterator[str]:
     paginator = s3.client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):

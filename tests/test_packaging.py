@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,12 +23,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def _requirements() -> list[str]:
-    lines = (REPO / "requirements.txt").read_text().splitlines()
+def _requirements(name: str) -> list[str]:
+    lines = (REPO / name).read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-"))]
 
 
-def test_wheel_holds_the_package_entry_point_and_pinned_requirements(wheel):
+def test_wheel_holds_the_package_entry_point_requirement_ranges_and_the_pinned_local_extra(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (dist_info,) = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
@@ -39,7 +40,12 @@ def test_wheel_holds_the_package_entry_point_and_pinned_requirements(wheel):
     assert "[console_scripts]\nimageiq = imageiq_spark.cli:main" in entry_points
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]
-    assert requires == _requirements()
+    # Requirement objects: the metadata writes a range's bounds in its own order.
+    assert [Requirement(r) for r in requires if "extra ==" not in r] == \
+        [Requirement(r) for r in _requirements("requirements.txt")]
+    assert [Requirement(r) for r in requires if "extra ==" in r] == \
+        [Requirement(f'{r}; extra == "local"') for r in _requirements("requirements-local.txt")]
+    assert "Provides-Extra: local" in metadata
     assert "License: Apache-2.0" in metadata
     assert not any(n.startswith(("tests/", "jobs/", "benchmarks/")) for n in names)
 
@@ -49,7 +55,7 @@ def test_wheel_installs_into_a_clean_venv_and_imageiq_help_runs(wheel, tmp_path)
     env = tmp_path / "venv"
     venv.create(env, with_pip=True)
     subprocess.run([str(env / "bin" / "pip"), "install", "-q", "-c", str(REPO / "constraints.txt"),
-                    str(wheel)], check=True, timeout=1200)
+                    f"{wheel}[local]"], check=True, timeout=1200)
     result = subprocess.run([str(env / "bin" / "imageiq"), "--help"], capture_output=True, text=True,
                             check=True, cwd=tmp_path)
     assert result.stdout.startswith("usage: imageiq [-h] [--conf FILE] [--set KEY=VALUE] COMMAND")

@@ -32,9 +32,7 @@ def images_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3_source(s3_server: s3server.S3Server, images_dir: Path) -> str:
-    prefix = f"incoming-{uuid.uuid4().hex[:8]}"
-    s3server.upload_tree(s3_server, images_dir, BUCKET, prefix)
-    return f"s3a://{BUCKET}/{prefix}"
+    return s3server.upload_source(s3_server, images_dir, BUCKET)
 
 
 def expected_images(spark, images_dir: Path, uri_prefix: str):
@@ -89,6 +87,7 @@ def test_lakehouse_on_s3a_holds_tables_and_checkpoints_and_reruns_add_nothing(
     assert any(k.startswith(f"{lake}/checkpoints/ingest/") and "/offsets/" in k for k in keys)
 
 
+@pytest.mark.slow  # `make test` runs the same path end to end in tests/test_cluster.py
 def test_cli_on_s3_takes_endpoint_and_keys_from_aws_environment_and_never_shows_the_keys(
     spark, tmp_path, s3_server, s3_source
 ):
@@ -122,3 +121,24 @@ def test_cli_on_s3_takes_endpoint_and_keys_from_aws_environment_and_never_shows_
     )
     assert s3_server.secret_key not in everything
     assert s3_server.access_key not in everything
+
+
+def test_python_side_files_round_trip_through_s3_with_the_endpoint_from_the_aws_variables(s3_source):
+    """Checkpoints, reports and staging folders written by Python (driver or executor) reach the
+    same S3-compatible server as Spark's S3A, from AWS_ENDPOINT_URL_S3 alone."""
+    from imageiq_spark import storage
+
+    folder = f"s3a://{BUCKET}/files-{uuid.uuid4().hex[:8]}/checkpoints"
+
+    storage.write_bytes(f"{folder}/state.json", b'{"epochs_done": 3}')
+    storage.write_bytes(f"{folder}/best.weights.h5", b"\x89HDF weights")
+    with storage.local_copy(f"{folder}/best.weights.h5") as local:
+        copied = Path(local).read_bytes()
+    found = (storage.read_bytes(f"{folder}/state.json"), storage.exists(f"{folder}/best.weights.h5"),
+             storage.read_bytes(f"{folder}/missing.json"))
+    storage.delete_dir(folder)
+
+    assert copied == b"\x89HDF weights"
+    assert not Path(local).exists(), "the local copy lives only as long as the block"
+    assert found == (b'{"epochs_done": 3}', True, None)
+    assert storage.read_bytes(f"{folder}/state.json") is None

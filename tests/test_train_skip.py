@@ -1,0 +1,88 @@
+"""`train` is idempotent: without a change of prepared's training rows or of the training config
+since the last registered version it registers nothing; `--force` trains anyway; a relabelled
+image is a change."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from conftest import make_config
+from mlflow.tracking import MlflowClient
+from pyspark.sql import functions as F
+
+from imageiq_spark import cli, ingest, lakehouse, preprocess, train
+from imageiq_spark.config import to_dict
+from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark.tracking import configure_mlflow
+
+TINY = {"epochs": 2, "batch_size": 16, "patience": 10, "shuffle_buffer": 64}
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    """A prepared lake of 8 digits per class with one trained, registered version."""
+    root = tmp_path_factory.mktemp("skip")
+    write_sample_data(root / "src", per_class=8)
+    config = make_config(root, ingest={"source": str(root / "src")}, train=TINY,
+                         mlflow={"registered_model": "skip"})
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+    first = train.run(spark, config)
+    assert isinstance(first, train.TrainSummary)
+    return root, config
+
+
+def versions(config) -> list[int]:
+    configure_mlflow(config)
+    return sorted(int(v.version) for v in MlflowClient().search_model_versions("name = 'skip'"))
+
+
+def test_train_without_changes_registers_nothing_and_says_why(spark, lake):
+    _, config = lake
+    before = versions(config)
+
+    skipped = train.run(spark, config)
+
+    assert isinstance(skipped, train.TrainSkipped)
+    assert versions(config) == before
+    assert skipped.version == str(before[-1])
+    assert skipped.lines()[0] == ("skipped: neither prepared's labelled train/val rows nor the training "
+                                  f"config changed since skip version {before[-1]}")
+
+
+@pytest.mark.slow
+def test_force_trains_anyway_and_the_run_is_recorded(spark, lake, tmp_path, capsys):
+    _, config = lake
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(to_dict(config)))
+    before = versions(config)
+
+    assert cli.main(["--conf", str(conf), "train", "--force"]) == 0
+
+    assert versions(config) == [*before, before[-1] + 1]
+    assert f"registered version: {before[-1] + 1}" in capsys.readouterr().out
+    last = (lakehouse.read_table(spark, config, "job_runs").where("stage = 'train'")
+            .orderBy(F.col("started_at").desc()).first())
+    assert (last.status, last.model_version) == ("succeeded", str(before[-1] + 1))
+
+
+@pytest.mark.slow
+def test_a_relabelled_image_or_a_changed_train_config_trains_again(spark, lake):
+    root, config = lake
+    # A training image of digit 3 now filed under 8.
+    training = lakehouse.read_table(spark, config, "prepared").where("label = '3' AND split = 'train'")
+    path = (lakehouse.read_table(spark, config, "images").join(training.select("image_id"), "image_id")
+            .orderBy("path").first().path)
+    shutil.move(path.removeprefix("file:"), root / "src" / "8" / "moved.png")
+    assert ingest.run(spark, config).relabelled == 1
+    before = versions(config)
+
+    relabelled = train.run(spark, config)
+    changed = train.run(spark, config.with_overrides({"train.learning_rate": 0.002}))
+
+    assert isinstance(relabelled, train.TrainSummary) and isinstance(changed, train.TrainSummary)
+    assert versions(config) == [*before, before[-1] + 1, before[-1] + 2]
+    assert isinstance(train.run(spark, config.with_overrides({"train.learning_rate": 0.002})),
+                      train.TrainSkipped)
