@@ -60,6 +60,7 @@ def test_set_overrides_win_over_the_file(tmp_path):
     assert config.spark_conf["spark.sql.shuffle.partitions"] == "8"
 
 
+@pytest.mark.slow  # `make test` runs the CLI end to end in test_cluster.py and test_connect.py
 def test_readme_commands_ingest_the_sample_and_sql_prints_the_counts(tmp_path):
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     conf = tmp_path / "conf.yaml"
