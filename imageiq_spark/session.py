@@ -161,12 +161,7 @@ def connect_session(config: Config, remote: str, app_name: str) -> SparkSession:
     """A Spark Connect session. A `local[N]` remote starts its server in this process, with the
     same jars and defaults as a local classic session; a server elsewhere keeps its own setup and
     gets only `spark_conf`'s runtime (SQL) settings."""
-    settings: dict[str, str] = {}
-    if remote.startswith("local"):
-        settings.update(local_defaults(config))
-        settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
-        settings.update(s3a_defaults(os.environ))
-    settings.update(config.spark_conf)
+    settings = session_settings(config, local=remote.startswith("local"))
     # The remote is the master; pyspark sets it on the server it starts.
     settings.pop("spark.master", None)
     settings.pop("spark.remote", None)
@@ -182,6 +177,18 @@ def connect_session(config: Config, remote: str, app_name: str) -> SparkSession:
         return builder.getOrCreate()
 
 
+def session_settings(config: Config, local: bool) -> dict[str, str]:
+    """`spark_conf` over, for a session this process starts itself (`local`), the local defaults,
+    the project's jars and S3A settings from the AWS variables."""
+    settings: dict[str, str] = {}
+    if local:
+        settings.update(local_defaults(config))
+        settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
+        settings.update(s3a_defaults(os.environ))
+    settings.update(config.spark_conf)
+    return settings
+
+
 def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
     """Build (or join) the SparkSession for this process."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -190,12 +197,7 @@ def get_spark(config: Config, app_name: str = "imageiq") -> SparkSession:
     if remote:
         return connect_session(config, remote, app_name)
     managed = platform_managed()
-    settings: dict[str, str] = {}
-    if not managed:
-        settings.update(local_defaults(config))
-        settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
-        settings.update(s3a_defaults(os.environ))
-    settings.update(config.spark_conf)
+    settings = session_settings(config, local=not managed)
     if settings.get("spark.master", "").startswith("local-cluster") and "SPARK_HOME" not in os.environ:
         home = Path(tempfile.gettempdir()) / f"imageiq-spark-home-{os.getuid()}"
         os.environ["SPARK_HOME"] = str(local_cluster_home(home))
