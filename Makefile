@@ -12,7 +12,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install jars jars-s3 browser test test-all test-cluster demo bench lint wheel pack clean podman-tools image-base image test-image
+.PHONY: install jars jars-s3 browser test test-all test-cluster test-compat demo bench lint wheel pack clean podman-tools image-base image test-image
 
 install: $(VENV)/.installed
 jars: jars/delta/.done
@@ -52,6 +52,35 @@ CLUSTER_MASTER ?= local-cluster[2,1,1024]
 test-cluster: install jars jars-s3 browser
 	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m "not slow" --timeout=1800
 	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m slow tests/test_cluster.py --timeout=1800
+
+# The oldest Spark/Delta pair the ranges claim (constraints-compat.txt) in a venv and a jars folder of
+# their own; the rest of the stack keeps constraints.txt's pins. The session takes the Delta 3 jars
+# from $IMAGEIQ_JARS_DIR. What needs Spark 4 (Spark Connect's local server) skips there with a reason.
+COMPAT_VENV := .venv-compat
+COMPAT_BIN := $(COMPAT_VENV)/bin
+COMPAT_DELTA_JARS := io.delta:delta-spark_2.12:3.3.3 io.delta:delta-storage:3.3.3
+COMPAT_TESTS := tests/test_ingest.py tests/test_preprocess.py tests/test_score.py tests/test_connect.py \
+  tests/test_duplicates.py::test_cosine_pairs_equal_every_pair_above_the_threshold
+
+$(COMPAT_VENV)/.installed: requirements.txt constraints.txt constraints-compat.txt setup.py
+	test -x $(COMPAT_BIN)/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_BIN)/pip install -q --upgrade pip
+	grep -v -i -E '^(pyspark|py4j|delta[-_]spark)==' constraints.txt > $(COMPAT_VENV)/constraints.txt
+	$(COMPAT_BIN)/pip install -q -c $(COMPAT_VENV)/constraints.txt -c constraints-compat.txt \
+	  -r requirements.txt delta-spark pytest pytest-timeout "moto[server]" boto3 psutil
+	$(COMPAT_BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+jars/compat/delta/.done:
+	mkdir -p jars/compat/delta
+	for a in $(COMPAT_DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/compat/delta || exit 1; done
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed jars/compat/delta/.done
+	$(COMPAT_BIN)/pip freeze | grep -i -E '^(pyspark|py4j|delta[-_]spark|pyarrow|numpy|pandas|tensorflow|mlflow)=='
+	IMAGEIQ_JARS_DIR=$(abspath jars/compat) PYSPARK_PYTHON=$(abspath $(COMPAT_BIN)/python) \
+	  PYSPARK_DRIVER_PYTHON=$(abspath $(COMPAT_BIN)/python) \
+	  $(COMPAT_BIN)/pytest -m "not slow" --timeout=900 --durations=10 $(COMPAT_TESTS)
 
 demo: install jars
 	$(BIN)/imageiq sample-data $(SAMPLE)

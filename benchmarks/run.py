@@ -2,11 +2,14 @@
 
 Each `benchmarks/bench_<name>.py` exposes `run(workdir: Path) -> str`, a Markdown section that
 measures its stage against the bare baseline in the same run. `python -m benchmarks.run ingest score`
-runs only those; the sections not run keep their last text in docs/benchmarks.md.
+runs only those; the sections not run keep their last text in docs/benchmarks.md, marked stale when
+the code they measured (`imageiq_spark/`, their own bench module) differs from the code
+fingerprint stamped on them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import platform
@@ -46,15 +49,46 @@ def main(names: list[str]) -> int:
     workdir = ROOT / "benchmarks" / "out"
     for name in chosen:
         print(f"== benchmark {name}", file=sys.stderr)
-        started = time.monotonic()
+        started, load_before = time.monotonic(), os.getloadavg()[0]
         module = importlib.import_module(f"benchmarks.bench_{name}")
         body = module.run(workdir / name)
         stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} on "
                  f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-                 f"{time.monotonic() - started:.0f} s._\n")
+                 f"code {code_fingerprint(name)}, {time.monotonic() - started:.0f} s, "
+                 f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end._\n")
         done[name] = body.strip() + "\n" + stamp
         write(done)
+    for name in set(done) - set(chosen):
+        done[name] = mark_staleness(name, done[name])
+    write(done)
     return 0
+
+
+STALE = "**Stale:** "
+
+
+def measured_files(name: str) -> list[Path]:
+    return sorted((ROOT / "imageiq_spark").rglob("*.py")) + [ROOT / "benchmarks" / f"bench_{name}.py"]
+
+
+def code_fingerprint(name: str) -> str:
+    """A hash of the code a section measures, as it is on disk (a `+dirty` commit names no code)."""
+    digest = hashlib.sha256()
+    for path in measured_files(name):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def mark_staleness(name: str, section: str) -> str:
+    """The section with a stale line under its heading when its code fingerprint no longer matches."""
+    section = re.sub(r"\n\n" + re.escape(STALE) + r"[^\n]*", "", section)
+    stamped = re.search(r", code (\w+),", section)
+    if stamped and stamped.group(1) == code_fingerprint(name):
+        return section
+    heading, _, rest = section.partition("\n")
+    return (f"{heading}\n\n{STALE}`imageiq_spark/` or `benchmarks/bench_{name}.py` changed since this ran "
+            f"(code fingerprint {stamped.group(1) if stamped else 'unknown'}); rerun "
+            f"`python -m benchmarks.run {name}`.\n{rest}")
 
 
 def commit() -> str:

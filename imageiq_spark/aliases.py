@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from imageiq_spark import lakehouse
 from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.runs import RunCounts
-from imageiq_spark.tracking import CHAMPION, configure_mlflow, record_alias, tracking_uri
+from imageiq_spark.tracking import CHAMPION, configure_mlflow, record_alias, registry_client, registry_uri
 
 REASON_TAG = "imageiq.champion_reason"
 ACTION_TAG = "imageiq.champion_action"
@@ -47,7 +47,7 @@ class AliasMove:
 
 def _client_and_champion(config: Config) -> tuple[MlflowClient, str | None]:
     configure_mlflow(config)
-    client = MlflowClient()
+    client = registry_client(config)
     try:
         current = str(client.get_model_version_by_alias(config.mlflow.registered_model, CHAMPION).version)
     except MlflowException:
@@ -91,7 +91,7 @@ def promote(spark: SparkSession, config: Config, version: str, reason: str) -> A
         known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
         raise ConfigError(
             f"promote: version '{version}' of model '{name}' is not in the registry at "
-            f"{tracking_uri(config)}; registered versions: {', '.join(map(str, known)) or 'none'}. "
+            f"{registry_uri(config)}; registered versions: {', '.join(map(str, known)) or 'none'}. "
             "Pass one of them (or set mlflow.registered_model)"
         ) from exc
     if current == version:

@@ -91,11 +91,10 @@ def decide(spark: SparkSession, config: Config, name: str, version: str, run_id:
            prepared_version: int, preprocess_version: str) -> Decision:
     """Score the new version and the current champion on the same images and choose the alias."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from imageiq_spark.tracking import CHALLENGER, CHAMPION
+    from imageiq_spark.tracking import CHALLENGER, CHAMPION, registry_client
 
-    client = MlflowClient()
+    client = registry_client(config)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

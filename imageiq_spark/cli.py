@@ -12,7 +12,6 @@ import csv
 import datetime
 import decimal
 import functools
-import importlib
 import json
 import logging
 import os
@@ -39,6 +38,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides",
                         default=default if suppress else [],
                         help="override a config key (dotted path, YAML value); repeatable")
+    parser.add_argument("--verbose", action="store_true", default=default if suppress else False,
+                        help="keep the libraries' start-up logs (TensorFlow, CUDA probing, "
+                        "warnings) in the driver and the Python workers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging() -> None:
+def configure_logging(verbose: bool = False) -> None:
+    from imageiq_spark import quiet
+
+    if verbose:
+        os.environ[quiet.VERBOSE_ENV] = "1"
+    quiet.quiet_driver()
     level = os.environ.get("IMAGEIQ_LOG_LEVEL", "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -113,13 +120,12 @@ def configure_logging() -> None:
     log.setLevel(level)
     log.propagate = False
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error, naming the argument
-    configure_logging()
+    configure_logging(args.verbose)
     try:
         config = load_config(args.conf, args.overrides)
         if getattr(args, "source", None):
@@ -220,11 +226,11 @@ def run_stage(spark: Any, config: Config, stage: str, exit_code: Callable[[Any],
               action: Callable[[], Any] | None = None, **options: Any) -> Any:
     """Run one stage's `run(spark, config)` (or `action`, for a command that is no module's `run`),
     record it in `job_runs`, print its summary to stdout."""
+    from imageiq_spark.quiet import import_quietly
     from imageiq_spark.runs import record_run
 
     if action is None:
-        action = functools.partial(importlib.import_module(f"imageiq_spark.{stage}").run, spark, config,
-                                   **options)
+        action = functools.partial(import_quietly(f"imageiq_spark.{stage}").run, spark, config, **options)
     log.info("%s: starting", stage)
     started = time.monotonic()
     summary = record_run(spark, config, stage, action, exit_code)

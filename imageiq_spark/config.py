@@ -121,6 +121,10 @@ class StorageConfig(_Section):
 class CatalogConfig(_Section):
     #: Database (schema) holding the tables.
     database: str = "imageiq"
+    #: Catalog of a persistent metastore that registers the tables as external Delta tables at their
+    #: locations, named `<name>.<database>.<table>` everywhere: `spark_catalog` (Hive metastore, Glue),
+    #: a Unity Catalog name (`main`). Empty (the default) registers them in the session's catalog only.
+    name: str = ""
 
 
 class IngestConfig(_Section):
@@ -191,6 +195,10 @@ class PreprocessConfig(_Section):
     #: Parquet codec of the `prepared` tensors. Resized photos hardly compress (snappy saved 6%,
     #: zstd 35% at twice the write cost; docs/benchmarks.md), so by default they are stored as is.
     compression: Literal["none", "snappy", "zstd", "lz4"] = "none"
+    #: Fault-injection hook for tests: the Python worker transforming an image whose `image_id`
+    #: contains this string dies (`os._exit`), as on a native crash; the image must end in
+    #: quarantine as `worker_crash` and the job go on. Empty (the default) injects nothing.
+    fault_inject_id_contains: str = ""
 
 
 class AugmentConfig(_Section):
@@ -269,6 +277,9 @@ class ScoreConfig(_Section):
     review_threshold: Probability = 0.6
     #: Attempts of the MERGE into `predictions` when a concurrent writer conflicts.
     merge_retries: int = 5
+    #: Fault-injection hook for tests, as `preprocess.fault_inject_id_contains`, for the Python
+    #: workers of `score` and `embed`.
+    fault_inject_id_contains: str = ""
 
 
 class ServeConfig(_Section):
@@ -339,7 +350,7 @@ class MonitorConfig(_Section):
 class DuplicatesConfig(_Section):
     #: Perceptual hashes (DCT, 64 bits) at most this many bits apart are near-duplicates (`phash`
     #: tier). Resized, JPEG-60 and 2.5%-per-side cropped copies of photos measured 0-8 bits; unrelated
-    #: photos 20+. Higher finds more but makes the banded join slower (k+1 shorter bands).
+    #: photos 20+. Higher finds more but makes the banded join slower (k // 2 + 1 shorter bands).
     max_distance: Annotated[int, _check("an integer 0..31", lambda v: 0 <= v <= 31)] = 8
     #: Images with a side shorter than this (pixels) get no `phash` pairs: a 64-bit hash cannot tell
     #: a thumbnail's twin from a look-alike (on the 28x28 sample digits, 8 bits linked 4,193 of the
@@ -360,7 +371,10 @@ class MaintainConfig(_Section):
 class MlflowConfig(_Section):
     #: Tracking store; empty means SQLite under storage.root.
     tracking_uri: str = ""
-    #: Registry name of the model.
+    #: Model registry (`databricks-uc` for Unity Catalog, a database or server URI); empty means the
+    #: tracking store.
+    registry_uri: str = ""
+    #: Registry name of the model; Unity Catalog's are three-level, `<catalog>.<schema>.<model>`.
     registered_model: str = "imageiq"
     #: Experiment the runs are logged to.
     experiment: str = "imageiq"

@@ -7,7 +7,8 @@ MobileNetV2). Built like score, and reusing its pieces: one pass of `mapInArrow`
 version and run), raw image bytes in and float32 vectors out as Arrow list<float> columns built
 from one numpy array (no pandas, no float64 copy); results staged to Parquet, then an insert-only
 MERGE on (image_id, model_name, model_version), so reruns and concurrent runs add each row once.
-Undecodable images go to `quarantine` with stage `embed`.
+Undecodable images go to `quarantine` with stage `embed`, as do images that kill the Python
+worker (reason `worker_crash`, `score.model_pass`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from imageiq_spark import faults
 from imageiq_spark.config import Config
 from imageiq_spark.score import (
     ModelLoader,
@@ -105,6 +107,7 @@ class EmbedBatches:
 
     loader: EmbedderLoader
     threads: int
+    fault_inject: str = ""  # `score.fault_inject_id_contains`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from imageiq_spark.transform import prepare_batch
@@ -112,6 +115,8 @@ class EmbedBatches:
         embedder: Embedder = cached_model(self.loader, self.threads)  # type: ignore[arg-type,assignment]
         for batch in batches:
             ids = batch.column(0)
+            if self.fault_inject:
+                faults.inject_any(ids.to_pylist(), self.fault_inject)
             tensors, failures = prepare_batch(binary_views(batch.column(1)), embedder.spec)
             vectors = embedder.embed_tensors(tensors)
             if not failures:
@@ -130,9 +135,9 @@ class EmbedBatches:
             )
 
 
-def embed_contents(df: DataFrame, loader: EmbedderLoader) -> DataFrame:
+def embed_contents(df: DataFrame, loader: EmbedderLoader, fault_inject: str = "") -> DataFrame:
     """(image_id, content) rows -> EMBEDDED_SCHEMA rows: decode, preprocess and embed in one pass."""
-    embedder = EmbedBatches(loader, task_threads(df.sparkSession))
+    embedder = EmbedBatches(loader, task_threads(df.sparkSession), fault_inject)
     return spread(df.select("image_id", "content")).mapInArrow(embedder, EMBEDDED_SCHEMA)
 
 
@@ -158,7 +163,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Em
     summary = EmbedSummary(name, version)
     model_pass(
         spark, config, summary, "embeddings", EMBEDDINGS_SCHEMA, EMBEDDING_KEYS, "embed",
-        lambda todo, _at: embed_contents(todo, loader),
+        lambda todo, _at: embed_contents(todo, loader, config.score.fault_inject_id_contains),
         lambda good, at: good.select("image_id", F.lit(name).alias("model_name"),
                                      F.lit(version).alias("model_version"), "vector",
                                      F.lit(at).alias("embedded_at")),

@@ -145,17 +145,9 @@ def write_evaluations(spark: SparkSession, config: Config, summary: EvaluateSumm
         EVALUATIONS_SCHEMA,
     )
     lakehouse.ensure_table(spark, config, "evaluations", EVALUATIONS_SCHEMA)
-    view = f"imageiq_eval_{int(time.time() * 1e6)}"
-    rows.createOrReplaceTempView(view)
-    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in EVALUATION_KEYS)
-    statement = (
-        f"MERGE INTO delta.`{lakehouse.table_location(config, 'evaluations')}` t USING {view} s "
-        f"ON {condition} WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
-    )
-    try:
-        lakehouse.with_conflict_retry(lambda: spark.sql(statement).collect(), "merge evaluations")
-    finally:
-        spark.catalog.dropTempView(view)
+    same_key = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in EVALUATION_KEYS)
+    lakehouse.merge(config, "evaluations", rows, same_key,
+                    "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
 
 
 def write_report(config: Config, summary: EvaluateSummary, report: metrics.Report) -> str:

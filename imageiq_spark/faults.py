@@ -6,38 +6,52 @@ killer) does not raise an exception the UDF could catch: the task fails, Spark r
 failure at the driver (`is_worker_crash`), bisects the failed batch's keys, rerunning a cheap
 job over each half (`crashing_keys`), until the single inputs that still crash are known; it
 quarantines those with reason `worker_crash` and processes the batch without them. A batch that
-does not crash costs nothing extra; one crashing input among n costs about 2*log2(n) small jobs.
+does not crash costs nothing extra; one crashing input among n costs about 2*log2(n) jobs over
+shrinking subsets (about twice the batch's work in all: in score and embed that is model time)
+and the rerun without it.
 
-Usage in a stage (ingest does this):
+Every stage that runs Python on images goes through `survive_worker_crashes` (ingest per
+micro-batch; preprocess, score and embed per run):
 
-    try:
-        process(batch)
-    except Exception as exc:
-        if not faults.is_worker_crash(exc):
-            raise
-        bad = faults.crashing_keys(keys, lambda subset: probe_job(batch, subset))
-        quarantine(bad, reason=faults.WORKER_CRASH); process(batch without bad)
+    result, crashed = faults.survive_worker_crashes(
+        lambda crashed: process(batch without crashed),   # rerun without them after a crash
+        lambda: keys of batch,
+        lambda subset: probe_job(batch restricted to subset),
+        "stage")
+    quarantine(crashed, reason=faults.WORKER_CRASH)
 
-`inject` is the test hook behind the `*.fault_inject_path_contains` config keys.
+`inject` and `inject_any` are the test hooks behind the `*.fault_inject_*` config keys.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
 
 WORKER_CRASH = "worker_crash"
 # What the JVM reports when a Python worker's process ends without answering.
 _CRASH_MESSAGES = ("Python worker exited unexpectedly", "crashed", "EOFException")
+T = TypeVar("T")
 
 
 def inject(path: str, pattern: str) -> None:
     """Kill this Python worker, as a native crash would, if `path` contains `pattern` (non-empty)."""
     if pattern and pattern in path:
         os._exit(134)  # no exception, no cleanup: what a segfault or abort looks like to Spark
+
+
+def inject_any(keys: Iterable[str | None], pattern: str) -> None:
+    """Kill this Python worker if one of `keys` contains `pattern` (non-empty)."""
+    if pattern:
+        for key in keys:
+            inject(key or "", pattern)
 
 
 def is_worker_crash(exc: BaseException) -> bool:
@@ -69,3 +83,38 @@ def _bisect(keys: list[str], attempt: Callable[[list[str]], object]) -> list[str
             raise
     log.info("a Python worker crashed on %d input(s); narrowing down", len(keys))
     return crashing_keys(keys, attempt)
+
+
+def survive_worker_crashes(
+    job: Callable[[list[str]], T],
+    keys: Callable[[], Sequence[str]],
+    attempt: Callable[[list[str]], object],
+    what: str,
+) -> tuple[T, list[str]]:
+    """`job([])`; if a Python worker died in it, the keys it dies on and `job(crashed)`.
+
+    `job(crashed)` must leave the `crashed` keys out; `keys()` lists the job's inputs and
+    `attempt(subset)` runs a cheap job over some of them (`crashing_keys`). Returns the job's
+    result and the crashed keys, for the stage to quarantine with reason WORKER_CRASH. A crash
+    that no single input reproduces (a worker killed from outside) fails the job as before.
+    """
+    try:
+        return job([]), []
+    except Exception as exc:  # a Py4J/Spark error: only worker crashes are ours to isolate
+        if not is_worker_crash(exc):
+            raise
+        crashed = crashing_keys(keys(), attempt)
+        if not crashed:
+            raise
+    log.warning("%s: a Python worker died on %d input(s); quarantined: %s", what, len(crashed),
+                ", ".join(crashed))
+    return job(crashed), crashed
+
+
+def restrict(rows: DataFrame, column: str, keys: Sequence[str], keep: bool) -> DataFrame:
+    """`rows` whose string `column` is among `keys` (keep) or not among them (not keep).
+
+    A broadcast semi/anti join: a bisection's first halves can hold many thousand keys, too many
+    for an `isin` literal in the plan."""
+    listed = rows.sparkSession.createDataFrame([(key,) for key in keys], f"`{column}` string")
+    return rows.join(F.broadcast(listed), column, "left_semi" if keep else "left_anti")

@@ -257,6 +257,7 @@ def quarantine_rows(probed: DataFrame, ingested_at: F.Column) -> DataFrame:
         F.col("length").alias("size_bytes"),
         F.col("modificationTime").alias("modified_at"),
         ingested_at.alias("ingested_at"),
+        F.lit(None).cast("string").alias("version"),
     )
 
 
@@ -293,7 +294,7 @@ def empty_file_rows(session: SparkSession, paths: list[str], ingested_at: F.Colu
         "path", F.lit(EMPTY).alias("reason"), F.lit("file has 0 bytes").alias("detail"),
         F.lit("ingest").alias("stage"), F.lit(None).cast("string").alias("image_id"),
         F.lit(0).cast("long").alias("size_bytes"), F.lit(None).cast("timestamp").alias("modified_at"),
-        ingested_at.alias("ingested_at"),
+        ingested_at.alias("ingested_at"), F.lit(None).cast("string").alias("version"),
     )
 
 
@@ -348,21 +349,15 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
     spark.createDataFrame([], BATCH_REPORT_SCHEMA).write.parquet(reports)
 
     def write_batch(files: DataFrame, batch_id: int) -> None:
-        try:
-            write_files(files, batch_id, crashed=[])
-        except Exception as exc:  # a Py4J error from Spark: only a dead Python worker is handled
-            if not faults.is_worker_crash(exc):
-                raise
-            labelled = label_column(files, files.sparkSession, config)
-            crashed = faults.crashing_keys(
-                sorted(r.path for r in files.select("path").collect()),
-                lambda subset: probed_files(labelled.filter(F.col("path").isin(subset)), config).count(),
-            )
-            if not crashed:
-                raise
-            log.warning("ingest batch %d: a Python worker died on %d file(s); quarantined: %s",
-                        batch_id, len(crashed), ", ".join(crashed))
-            write_files(files, batch_id, crashed)
+        # Files that kill a Python worker are quarantined unprobed by the rerun (`probed_files`).
+        faults.survive_worker_crashes(
+            lambda crashed: write_files(files, batch_id, crashed),
+            lambda: sorted(r.path for r in files.select("path").collect()),
+            lambda subset: probed_files(
+                label_column(files, files.sparkSession, config).filter(F.col("path").isin(subset)), config
+            ).count(),
+            f"ingest batch {batch_id}",
+        )
 
     def write_files(files: DataFrame, batch_id: int, crashed: list[str]) -> None:
         labelled = label_column(files, files.sparkSession, config)

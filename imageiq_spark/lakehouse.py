@@ -2,9 +2,10 @@
 
 Each table is a Delta folder at `<storage.root>/warehouse/<database>.db/<table>`. The catalog is
 rebuilt from those folders whenever a session starts (`register_tables`), so `imageiq sql` sees
-every table and concurrent jobs need no single-writer metastore. On a platform with its own
-metastore (Glue, Hive, Unity) the same `CREATE TABLE IF NOT EXISTS ... LOCATION` registers them
-there for good.
+every table and concurrent jobs need no single-writer metastore. With `catalog.name` set the same
+`CREATE TABLE IF NOT EXISTS ... LOCATION` registers them as external tables of that catalog of a
+persistent metastore (Hive, Glue, Unity Catalog), and the project reads, merges and alters them by
+their three-level names, as every other client of the metastore does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
-from imageiq_spark.config import Config
+from imageiq_spark.config import Config, ConfigError
 from imageiq_spark.session import storage_uri
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,22 @@ def table_location(config: Config, table: str) -> str:
     return f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db/{table}"
 
 
+def database_name(config: Config) -> str:
+    """`catalog.database`, under `catalog.name` when one is set."""
+    catalog = f"`{config.catalog.name}`." if config.catalog.name else ""
+    return f"{catalog}`{config.catalog.database}`"
+
+
 def qualified_name(config: Config, table: str) -> str:
-    return f"`{config.catalog.database}`.`{table}`"
+    return f"{database_name(config)}.`{table}`"
+
+
+def table_ref(config: Config, table: str) -> str:
+    """How SQL statements name a table: by path in the session's own catalog, by its name in a
+    persistent one (Unity Catalog governs a registered table by its name)."""
+    if config.catalog.name:
+        return qualified_name(config, table)
+    return f"delta.`{table_location(config, table)}`"
 
 
 def lake_path(config: Config, *parts: str) -> str:
@@ -97,6 +112,11 @@ def with_conflict_retry(action: Callable[[], T], what: str, attempts: int = 5) -
 
 
 def ensure_database(spark: SparkSession, config: Config) -> None:
+    if config.catalog.name:
+        # A metastore's schema has its own storage (Unity Catalog refuses LOCATION); the tables
+        # are external, at their own locations under storage.root.
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS {database_name(config)}")
+        return
     location = f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db"
     spark.sql(f"CREATE DATABASE IF NOT EXISTS `{config.catalog.database}` LOCATION '{location}'")
 
@@ -119,6 +139,8 @@ def ensure_table(
         partitioned = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
         spark.sql(f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} ({columns}) USING DELTA"
                   f"{partitioned} LOCATION '{table_location(config, table)}'")
+        if config.catalog.name:
+            check_registered_location(spark, config, table)
 
     def create_tolerating_race() -> None:
         try:
@@ -143,13 +165,13 @@ def add_missing_columns(spark: SparkSession, config: Config, table: str, schema:
     Delta adds them as nullable and old rows read NULL, so a column is added to a table by adding
     its StructField (nullable, last) to the schema in `tables`: the next run of the stage does it.
     """
-    location = table_location(config, table)
-    present = set(spark.read.format("delta").load(location).columns)
+    present = set(read_table(spark, config, table).columns)
     missing = [f for f in schema.fields if f.name not in present]
     if missing:
         columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
-        with_conflict_retry(lambda: spark.sql(f"ALTER TABLE delta.`{location}` ADD COLUMNS ({columns})"),
-                            f"add columns to {table}")
+        with_conflict_retry(
+            lambda: spark.sql(f"ALTER TABLE {table_ref(config, table)} ADD COLUMNS ({columns})"),
+            f"add columns to {table}")
 
 
 def register_table(spark: SparkSession, config: Config, table: str) -> bool:
@@ -160,7 +182,30 @@ def register_table(spark: SparkSession, config: Config, table: str) -> bool:
     spark.sql(
         f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} USING DELTA LOCATION '{location}'"
     )
+    if config.catalog.name:
+        check_registered_location(spark, config, table)
     return True
+
+
+def check_registered_location(spark: SparkSession, config: Config, table: str) -> None:
+    """A persistent metastore may hold the name already, for another lake: reads and merges by
+    name would then go to that lake's table."""
+    name = qualified_name(config, table)
+    registered = spark.sql(f"DESCRIBE DETAIL {name}").select("location").first()[0]
+    if _normal(registered) != _normal(table_location(config, table)):
+        raise ConfigError(
+            f"table {name} is registered at {registered}, not at {table_location(config, table)} "
+            f"under storage.root: another lake uses catalog '{config.catalog.name}' and database "
+            f"'{config.catalog.database}'. Set catalog.database to a database of this lake's own "
+            f"(or DROP TABLE {name} if that lake is gone)"
+        )
+
+
+def _normal(location: str) -> str:
+    """`file:/x`, `file:///x` and `file:/x/` are one location."""
+    if location.startswith("file:"):
+        location = "file:/" + location[len("file:"):].lstrip("/")
+    return location.rstrip("/")
 
 
 def register_tables(spark: SparkSession, config: Config) -> list[str]:
@@ -171,12 +216,14 @@ def register_tables(spark: SparkSession, config: Config) -> list[str]:
         if VIEW_NEEDS[name] <= set(found):
             spark.sql(
                 f"CREATE OR REPLACE VIEW {qualified_name(config, name)} AS "
-                + sql.format(db=config.catalog.database, threshold=config.score.review_threshold)
+                + sql.format(db=database_name(config), threshold=config.score.review_threshold)
             )
     return found
 
 
 def read_table(spark: SparkSession, config: Config, table: str) -> DataFrame:
+    if config.catalog.name:
+        return spark.read.table(qualified_name(config, table))
     return spark.read.format("delta").load(table_location(config, table))
 
 
@@ -214,8 +261,7 @@ def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: 
     view = f"imageiq_merge_{uuid.uuid4().hex}"
     session = rows.sparkSession
     rows.createOrReplaceTempView(view)
-    statement = (f"MERGE INTO delta.`{table_location(config, table)}` t USING {view} s "
-                 f"ON {condition} {actions}")
+    statement = f"MERGE INTO {table_ref(config, table)} t USING {view} s ON {condition} {actions}"
     try:
         metrics = with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
                                       attempts)

@@ -150,7 +150,7 @@ def count_table(
 def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
                    prepared_version: int) -> tuple[DataFrame, int]:
     """Rows of `images` not prepared at the spec's version (as of the table's `prepared_version`)
-    and not quarantined by this stage, and how many there are.
+    and not quarantined by this stage at that version, and how many there are.
 
     The anti-joins run on ids only; the image bytes are then picked out without a shuffle.
     """
@@ -161,11 +161,11 @@ def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
         .filter(F.col("preprocess_version") == spec.version)
         .select("image_id")
     )
-    # An image this stage already quarantined is not decoded again on every run; delete its
-    # quarantine row to retry it.
+    # An image this stage quarantined at this version is not decoded again on every run (delete
+    # its quarantine row to retry it); a new version, e.g. a fixed transform, tries it again.
     failed = (
         lakehouse.read_table(spark, config, "quarantine")
-        .filter(F.col("stage") == "preprocess")
+        .filter((F.col("stage") == "preprocess") & (F.col("version") == spec.version))
         .select("image_id")
     )
     pending = (
@@ -218,7 +218,7 @@ def prepared_rows(good: DataFrame, vocabulary: DataFrame, spec: TransformSpec,
     )
 
 
-def quarantine_rows(bad: DataFrame, quarantined_at: Column) -> DataFrame:
+def quarantine_rows(bad: DataFrame, quarantined_at: Column, version: str) -> DataFrame:
     return bad.select(
         "path",
         "reason",
@@ -228,17 +228,19 @@ def quarantine_rows(bad: DataFrame, quarantined_at: Column) -> DataFrame:
         "size_bytes",
         "modified_at",
         quarantined_at.alias("ingested_at"),
+        F.lit(version).alias("version"),
     )
 
 
 def quarantine_failures(spark: SparkSession, config: Config, failures: list[Failure],
-                        quarantined_at: datetime.datetime) -> Counter[str]:
-    """Write the UDF's failure records to `quarantine` (once per image); returns reasons counted."""
+                        quarantined_at: datetime.datetime, version: str) -> Counter[str]:
+    """Write the UDF's failure records to `quarantine` under the preprocess `version` (once per
+    image); returns reasons counted."""
     unique = list({record[0]: record for record in failures}.values())
     if unique:
         rows = spark.createDataFrame(unique, StructType([OUTCOME_SCHEMA[name] for name in FAILURE_FIELDS]))
         lakehouse.merge_new_rows(config, "quarantine",
-                                 quarantine_rows(rows, F.lit(quarantined_at)), QUARANTINE_KEYS)
+                                 quarantine_rows(rows, F.lit(quarantined_at), version), QUARANTINE_KEYS)
     return Counter(record[FAILURE_FIELDS.index("reason")] for record in unique)
 
 

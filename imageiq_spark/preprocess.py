@@ -5,8 +5,10 @@ scoring and the exported model) inside an Arrow iterator UDF. Rows are keyed by 
 `preprocess_version`), where the version is `TransformSpec.version`, a hash of every transform
 parameter: a rerun prepares only images missing at the current version, and a config change
 prepares everything again under a new version beside the old one. Images that fail go to
-`quarantine` with stage `preprocess`; the job goes on, and later runs skip them (delete the
-quarantine row to retry one).
+`quarantine` with stage `preprocess` and the version; the job goes on, and later runs of that
+version skip them (delete the quarantine row to retry one); a new version tries them again. An
+image that kills the Python worker is found by bisection (`faults`), quarantined as
+`worker_crash`, and the run goes on without it.
 
 One pass over the pending images: the UDF's tensors go straight into an idempotent Delta append
 (`txnAppId` per version, `txnVersion` = the `prepared` version the run started from, so a
@@ -40,7 +42,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from imageiq_spark import lakehouse
+from imageiq_spark import faults, lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.prepared import (
     TAG_PREFIX,
@@ -65,6 +67,7 @@ from imageiq_spark.prepared import (
 )
 from imageiq_spark.preprocess_report import PreprocessSummary, grid_png, write_grid
 from imageiq_spark.preprocess_udf import (
+    FAILURE_FIELDS,
     PrepareBatches,
     ReportFiles,
     ReportSink,
@@ -125,6 +128,41 @@ def append_prepared(
     return committed_rows(spark, config, "prepared", tag)
 
 
+def prepare_pending(
+    spark: SparkSession,
+    config: Config,
+    spec: TransformSpec,
+    todo: DataFrame,
+    start_version: int,
+    prepared_at: datetime.datetime,
+    tag: str,
+) -> tuple[int | None, RunReport]:
+    """`append_prepared` over `todo` and what its UDF saw; images that kill a Python worker are
+    left out of the append and come back among the report's failures as `worker_crash`."""
+
+    def attempt(crashed: list[str]) -> tuple[int | None, RunReport]:
+        reports = ReportFiles(lakehouse.lake_path(config, "staging", "preprocess_reports", uuid.uuid4().hex))
+        rows = faults.restrict(todo, "image_id", crashed, keep=False) if crashed else todo
+        try:
+            written = append_prepared(spark, config, spec, rows, reports, start_version, prepared_at, tag)
+        finally:
+            report = reports.take()
+        return written, report
+
+    (written, report), crashed = faults.survive_worker_crashes(
+        attempt,
+        lambda: sorted(r.image_id for r in todo.select("image_id").collect()),
+        lambda subset: transform_images(faults.restrict(todo, "image_id", subset, keep=True), spec,
+                                        config).count(),
+        "preprocess",
+    )
+    if crashed:
+        victims = faults.restrict(todo.select(*FAILURE_FIELDS[:4]), "image_id", crashed, keep=True)
+        report.failures += [(*row, faults.WORKER_CRASH, "the Python worker process died transforming it")
+                            for row in victims.collect()]
+    return written, report
+
+
 def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     """Prepare every image of `images` not yet in `prepared` at the current preprocess_version.
 
@@ -154,22 +192,22 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
         if not pending:
             break
         log.info("preprocess: %d images to prepare at version %s", pending, spec.version)
-        reports = ReportFiles(lakehouse.lake_path(config, "staging", "preprocess_reports", uuid.uuid4().hex))
         try:
-            written = append_prepared(spark, config, spec, todo, reports, start_version, prepared_at, tag)
+            written, attempt_report = prepare_pending(spark, config, spec, todo, start_version,
+                                                      prepared_at, tag)
         except PySparkException as exc:
             if not lakehouse.is_conflict(exc):
                 raise
             written, lost = None, type(exc).__name__
         else:
             lost = "it prepared these images first"
-        attempt_report = reports.take()
         if written is None:
             log.warning("preprocess: a concurrent run committed first (%s); attempt %d of %d",
                         lost, attempt, ATTEMPTS)
             continue
         summary.prepared, report = written, attempt_report
-        summary.quarantined.update(quarantine_failures(spark, config, report.failures, prepared_at))
+        summary.quarantined.update(quarantine_failures(spark, config, report.failures, prepared_at,
+                                                         spec.version))
         break
     else:
         raise RuntimeError(f"preprocess: {ATTEMPTS} attempts lost to concurrent runs of version "

@@ -22,12 +22,12 @@ from pyarrow import fs
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from imageiq_spark import storage
+from imageiq_spark import faults, storage
 from imageiq_spark.config import Config
 from imageiq_spark.session import spread
 from imageiq_spark.tables import schema
 from imageiq_spark.tensors import binary_from_tensors, binary_views, tensors_from_binary
-from imageiq_spark.transform import TransformSpec, prepare_batch
+from imageiq_spark.transform import RESIZE_POLICIES, ResizePolicy, TransformSpec, prepare_batch
 
 #: What the UDF returns per image: the tensor, or why there is none.
 OUTCOME_SCHEMA = schema(
@@ -143,16 +143,23 @@ class PrepareBatches:
     contiguous array wrapped as an Arrow binary column, so no image is copied into a Python
     object on the way in or out (pandas conversion cost 10% more CPU per image on 500x375 JPEGs;
     docs/benchmarks.md). With a `report` sink, each task also hands it its RunReport.
+
+    `policy` is the spec's resize policy as registered on the driver: one registered in a notebook
+    or a script reaches the workers with the job (`transform.resize_policy`).
     """
 
     spec: TransformSpec
     report: ReportSink | None = None
+    policy: ResizePolicy | None = None
+    fault_inject: str = ""  # `preprocess.fault_inject_id_contains`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import cv2
 
         # Spark already runs one task per core; OpenCV's own threads would only contend.
         cv2.setNumThreads(1)
+        if self.policy is not None:
+            RESIZE_POLICIES.setdefault(self.spec.resize, self.policy)
         report = RunReport()
         rng = np.random.default_rng()
         # Arrow binary offsets are int32: a batch's tensors must stay under 2 GiB.
@@ -160,6 +167,8 @@ class PrepareBatches:
         for whole in batches:
             for start in range(0, whole.num_rows, rows):
                 batch = whole.slice(start, rows)
+                if self.fault_inject:
+                    faults.inject_any(batch.column("image_id").to_pylist(), self.fault_inject)
                 tensors, failures = prepare_batch(binary_views(batch.column("content")), self.spec)
                 passed = batch.select(list(PASSED_COLUMNS))
                 ok = np.ones(batch.num_rows, bool)
@@ -240,7 +249,9 @@ def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
     # Run under `transform_settings`, the scan of `images` (small row groups) already splits into
     # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
     # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
-    return spread(rows, per_core=1).mapInArrow(PrepareBatches(spec, report), OUTCOME_SCHEMA)
+    prepare = PrepareBatches(spec, report, RESIZE_POLICIES[spec.resize],
+                             config.preprocess.fault_inject_id_contains)
+    return spread(rows, per_core=1).mapInArrow(prepare, OUTCOME_SCHEMA)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ built this way (measured in benchmarks/bench_score.py):
 Incremental and safe to rerun or to run twice at once: only images with no prediction from the
 model version are read (anti-join); results go to a staging folder first, so a retried MERGE
 never recomputes the model; an insert-only MERGE on (image_id, model_name, model_version), retried
-on Delta conflicts, adds each row once. Undecodable images go to `quarantine` (stage `score`).
+on Delta conflicts, adds each row once. Undecodable images go to `quarantine` (stage `score`,
+version `<model name>/<model version>`), and so does an image that kills the Python worker
+(`faults`: found by bisection, reason `worker_crash`); the run goes on without them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from imageiq_spark import lakehouse
+from imageiq_spark import faults, lakehouse
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import spread
@@ -141,8 +143,9 @@ def _place_worker(threads: int) -> None:
     if gpus is not None and gpus.addresses:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    import tensorflow as tf
+    from imageiq_spark.quiet import import_quietly
 
+    tf = import_quietly("tensorflow")
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
@@ -216,6 +219,7 @@ class ScoreBatches:
     top_k: int
     threads: int
     tensor_shape: tuple[int, int, int] | None = None  # set: input is prepared tensors, not bytes
+    fault_inject: str = ""  # `score.fault_inject_id_contains`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from imageiq_spark.transform import prepare_batch
@@ -223,6 +227,8 @@ class ScoreBatches:
         model = cached_model(self.loader, self.threads)
         for batch in batches:
             ids = batch.column(0)
+            if self.fault_inject:
+                faults.inject_any(ids.to_pylist(), self.fault_inject)
             if self.tensor_shape is not None:
                 probs = model.predict_tensors(tensors_from_binary(batch.column(1), self.tensor_shape))
                 yield predictions_batch(ids, probs, model.labels, self.top_k)
@@ -248,10 +254,10 @@ def task_threads(spark: SparkSession) -> int:
     return max(1, int(spark.conf.get("spark.task.cpus", "1") or 1))
 
 
-def score_contents(df: DataFrame, loader: ModelLoader, top_k: int) -> DataFrame:
+def score_contents(df: DataFrame, loader: ModelLoader, top_k: int, fault_inject: str = "") -> DataFrame:
     """(image_id, content) rows -> SCORED_SCHEMA rows: decode, preprocess and predict in one pass."""
     spark = df.sparkSession
-    scorer = ScoreBatches(loader, top_k, task_threads(spark))
+    scorer = ScoreBatches(loader, top_k, task_threads(spark), fault_inject=fault_inject)
     return spread(df.select("image_id", "content")).mapInArrow(scorer, SCORED_SCHEMA)
 
 
@@ -295,20 +301,25 @@ def remove_staging(uri: str) -> None:
         log.warning("could not remove staging folder %s: %s", uri, exc)
 
 
-def quarantine_failed(config: Config, staged: DataFrame, images: DataFrame, stage: str,
-                      at: datetime.datetime) -> int:
-    """Staged rows of a model pass whose image could not be decoded -> `quarantine`, under this
-    stage; returns how many there were."""
+def quarantine_failed(config: Config, staged: DataFrame, crashed: list[str], images: DataFrame,
+                      stage: str, version: str, at: datetime.datetime) -> int:
+    """Staged rows of a model pass whose image could not be decoded, and the `crashed` images
+    that killed a Python worker -> `quarantine`, under this stage and model version; returns how
+    many there were."""
     from imageiq_spark.tables import QUARANTINE_KEYS, QUARANTINE_SCHEMA
 
-    failed = staged.where(F.col("error").isNotNull())
+    failed = staged.where(F.col("error").isNotNull()).select("image_id", "error", "error_detail")
+    if crashed:
+        failed = failed.unionByName(staged.sparkSession.createDataFrame(
+            [(image_id, faults.WORKER_CRASH, f"the Python worker process died in {stage}")
+             for image_id in crashed], "image_id string, error string, error_detail string"))
     count = failed.count()
     if count:
         lakehouse.ensure_table(staged.sparkSession, config, "quarantine", QUARANTINE_SCHEMA)
         rows = failed.join(images.select("image_id", "path", "size_bytes", "modified_at"), "image_id").select(
             "path", F.col("error").alias("reason"), F.col("error_detail").alias("detail"),
             F.lit(stage).alias("stage"), "image_id", "size_bytes", "modified_at",
-            F.lit(at).alias("ingested_at"),
+            F.lit(at).alias("ingested_at"), F.lit(version).alias("version"),
         )
         lakehouse.merge_new_rows(config, "quarantine", rows, QUARANTINE_KEYS,
                                  attempts=config.score.merge_retries)
@@ -358,7 +369,8 @@ def model_pass(
     The images without a row of the summary's model version in `table` go through `predict`
     (rows with `error` set where an image cannot be decoded), staged to Parquet so the model
     runs once; the good rows, shaped by `output`, are merged insert-only on `keys`, and the
-    undecodable images are quarantined under `stage`.
+    undecodable images are quarantined under `stage`, as are images that kill a Python worker
+    (`faults.survive_worker_crashes`: the pass runs again without them).
     """
     if not lakehouse.table_exists(spark, config, "images"):
         raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
@@ -369,13 +381,20 @@ def model_pass(
     at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
     try:
-        predict(todo, at).write.parquet(staging)
+        _, crashed = faults.survive_worker_crashes(
+            lambda crashed: predict(faults.restrict(todo, "image_id", crashed, keep=False) if crashed
+                                    else todo, at).write.mode("overwrite").parquet(staging),
+            lambda: sorted(r.image_id for r in todo.select("image_id").collect()),
+            lambda subset: predict(faults.restrict(todo, "image_id", subset, keep=True), at).count(),
+            stage,
+        )
         staged = spark.read.parquet(staging)
-        summary.candidates = staged.count()
+        summary.candidates = staged.count() + len(crashed)
         good = output(staged.where(F.col("error").isNull()), at)
         summary.inserted = lakehouse.merge_new_rows(config, table, good, keys,
                                                     attempts=config.score.merge_retries)
-        summary.failed = quarantine_failed(config, staged, images, stage, at)
+        summary.failed = quarantine_failed(config, staged, crashed, images, stage,
+                                           f"{summary.model_name}/{summary.model_version}", at)
     finally:
         remove_staging(staging)
     lakehouse.register_tables(spark, config)
@@ -394,8 +413,9 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
     summary = ScoreSummary(name, version)
     model_pass(
         spark, config, summary, "predictions", PREDICTIONS_SCHEMA, PREDICTION_KEYS, "score",
-        lambda todo, at: with_model_columns(score_contents(todo, loader, config.score.top_k), name,
-                                            version, run_id, at),
+        lambda todo, at: with_model_columns(
+            score_contents(todo, loader, config.score.top_k, config.score.fault_inject_id_contains),
+            name, version, run_id, at),
         lambda good, _at: good.select(*PREDICTIONS_SCHEMA.fieldNames()),
     )
     summary.elapsed_s = time.monotonic() - started

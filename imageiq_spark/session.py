@@ -18,10 +18,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 from pyspark import SparkConf
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from imageiq_spark import quiet
 from imageiq_spark.config import Config
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,6 @@ def local_defaults(config: Config) -> dict[str, str]:
         "spark.pyspark.driver.python": python,
         "spark.executorEnv.PYSPARK_PYTHON": python,
         "spark.executorEnv.MLFLOW_DISABLE_TELEMETRY": "true",
-        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
     }
 
 
@@ -183,6 +184,8 @@ def session_settings(config: Config, local: bool) -> dict[str, str]:
     settings: dict[str, str] = {}
     if local:
         settings.update(local_defaults(config))
+        # Python workers log as the driver does: quiet, or everything under --verbose.
+        settings.update(quiet.worker_env())
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
         settings.update(s3a_defaults(os.environ))
     settings.update(config.spark_conf)
@@ -242,3 +245,14 @@ def spread(df: DataFrame, per_core: int = 2) -> DataFrame:
         return df.repartition(per_core * cores)
     target = per_core * spark.sparkContext.defaultParallelism
     return df.repartition(target) if df.rdd.getNumPartitions() < target else df
+
+
+def to_arrow(df: DataFrame) -> pa.Table:
+    """The DataFrame collected to the driver as one Arrow table. `DataFrame.toArrow` arrived in
+    pyspark 4.0; on 3.5 (`make test-compat`) the same Arrow batches come from the method behind
+    its `toPandas`."""
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return pa.Table.from_batches(df._collect_as_arrow(), schema=to_arrow_schema(df.schema))

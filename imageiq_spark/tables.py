@@ -61,12 +61,15 @@ IMAGES_SCHEMA = schema(
     "orientation INT NOT NULL, size_bytes BIGINT NOT NULL, modified_at TIMESTAMP, "
     "content BINARY NOT NULL, ingested_at TIMESTAMP NOT NULL"
 )
-#: `quarantine`: files and images a stage refused, with the reason; any stage appends.
+#: `quarantine`: files and images a stage refused, with the reason; any stage appends. `version`
+#: is what the stage ran: the preprocess_version for preprocess, `<model name>/<model version>`
+#: for score and embed, NULL for ingest; an image refused under one version is retried under another.
 QUARANTINE_SCHEMA = schema(
     "path STRING NOT NULL, reason STRING NOT NULL, detail STRING, stage STRING NOT NULL, "
-    "image_id STRING, size_bytes BIGINT, modified_at TIMESTAMP, ingested_at TIMESTAMP NOT NULL"
+    "image_id STRING, size_bytes BIGINT, modified_at TIMESTAMP, ingested_at TIMESTAMP NOT NULL, "
+    "version STRING"
 )
-QUARANTINE_KEYS = ["path", "stage", "image_id", "modified_at"]
+QUARANTINE_KEYS = ["path", "stage", "image_id", "modified_at", "version"]
 #: `prepared` (silver): fixed-size uint8 tensors keyed by (image_id, preprocess_version).
 PREPARED_SCHEMA = schema(
     "image_id STRING NOT NULL, label STRING, label_index INT, split STRING NOT NULL, "

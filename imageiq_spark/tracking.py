@@ -3,6 +3,8 @@ tables.
 
 Without `mlflow.tracking_uri` the tracking store is SQLite at `<storage.root>/mlflow.db` and the
 artifacts live under `<storage.root>/mlruns`, so a lakehouse folder carries its whole history.
+The model registry is the tracking store unless `mlflow.registry_uri` names another
+(`databricks-uc` for Unity Catalog, whose model names are `<catalog>.<schema>.<model>`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def tracking_uri(config: Config) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def registry_uri(config: Config) -> str:
+    return config.mlflow.registry_uri or tracking_uri(config)
+
+
+def registry_client(config: Config) -> MlflowClient:
+    """A client of the project's tracking store and registry (set explicitly: an MlflowClient made
+    before `configure_mlflow` would take MLflow's defaults)."""
+    return MlflowClient(tracking_uri=tracking_uri(config), registry_uri=registry_uri(config))
+
+
 def artifact_location(config: Config) -> str | None:
     """`<storage.root>/mlruns` for a store of our own; MLflow speaks `s3://` where Spark speaks
     `s3a://`. A tracking server chooses (None): it proxies artifacts to its own destination, so
@@ -73,7 +85,7 @@ def artifact_location(config: Config) -> str | None:
 def configure_mlflow(config: Config) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id."""
     mlflow.set_tracking_uri(tracking_uri(config))
-    mlflow.set_registry_uri(tracking_uri(config))
+    mlflow.set_registry_uri(registry_uri(config))
     name = config.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -101,7 +113,7 @@ def resolve_model(config: Config, model_uri: str) -> tuple[str, str, str]:
             f"got '{model_uri}'"
         )
     ref = model_uri[len("models:/"):].strip("/")
-    client = MlflowClient()
+    client = registry_client(config)
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
@@ -115,7 +127,7 @@ def resolve_model(config: Config, model_uri: str) -> tuple[str, str, str]:
             version = client.get_model_version(name, number)
     except MlflowException as exc:
         raise ConfigError(
-            f"--model '{model_uri}' is not in the registry at {tracking_uri(config)}: {exc.message}. "
+            f"--model '{model_uri}' is not in the registry at {registry_uri(config)}: {exc.message}. "
             "Train a model first (`imageiq train`) or pass an existing models:/ URI"
         ) from exc
     return name, str(version.version), version.run_id

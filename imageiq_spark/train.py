@@ -227,8 +227,10 @@ def _load_weights(model: Any, directory: str, name: str) -> None:
         model.load_weights(local)
 
 
-def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train on this worker (rank 0 is the chief) from the last checkpoint; returns the state.
+def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train on this worker (rank 0 is the chief) from the last checkpoint; returns the state and
+    what this worker did: the optimizer steps it ran and a SHA-256 of its final weights.
 
     Runs on the driver for one worker, or inside each Spark barrier task for several, with
     TF_CONFIG already set.
@@ -251,6 +253,7 @@ def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[s
         _load_weights(best, task.checkpoint_dir, BEST_WEIGHTS)
         checkpoint.best_weights = best.get_weights()
 
+    steps_run = 0
     phases = [(task.epochs, False)]
     if task.spec.pretrained:
         # Transfer learning: the head learns on a frozen base, then the base's top layers tune.
@@ -275,6 +278,7 @@ def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[s
                     models.unfreeze_top(model, task.fine_tune_layers)
                     rate /= 10
                 models.compile_model(model, rate)
+            steps_before = int(model.optimizer.iterations.numpy())
             model.fit(
                 train,
                 epochs=end,
@@ -285,13 +289,15 @@ def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()) -> dict[s
                 callbacks=[checkpoint, *callbacks],
                 verbose=0,
             )
+            steps_run += int(model.optimizer.iterations.numpy()) - steps_before
     if checkpoint.best_weights is not None:
         model.set_weights(checkpoint.best_weights)
     _save_weights(model, directory, BEST_WEIGHTS)
     state.save(directory)
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
-    return state.__dict__
+    weights = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights()))
+    return state.__dict__, {"optimizer_steps": steps_run, "weights_sha256": weights.hexdigest()}
 
 
 def _free_port() -> int:
@@ -326,9 +332,9 @@ def barrier_fit(task: TrainTask):
         threads = max(1, (os.cpu_count() or 1) // task.workers)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-        state = fit(task, rank)
+        state, done = fit(task, rank)
         context.barrier()
-        yield json.dumps({"rank": rank, "steps": task.steps(task.train.rows), **state})
+        yield json.dumps({"rank": rank, "done": done, **state})
 
     return run
 
@@ -548,14 +554,15 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
 
         if task.workers > 1:
             results = fit_distributed(spark, task)
-            # Evidence that the workers trained in lockstep: same steps, same aggregated losses.
+            # Evidence that the workers trained in lockstep, as each measured it: the optimizer
+            # steps it ran and its final weights.
             mlflow.log_params({
-                "steps_per_epoch_per_worker": json.dumps([r["steps"] for r in results]),
-                "final_loss_per_worker": json.dumps([r["history"]["loss"][-1] for r in results]),
+                "optimizer_steps_per_worker": json.dumps([r["done"]["optimizer_steps"] for r in results]),
+                "weights_sha256_per_worker": json.dumps([r["done"]["weights_sha256"] for r in results]),
             })
-            state = TrainState(**{k: v for k, v in results[0].items() if k not in ("rank", "steps")})
+            state = TrainState(**{k: v for k, v in results[0].items() if k not in ("rank", "done")})
         else:
-            state = TrainState(**fit(task, 0, callbacks))
+            state = TrainState(**fit(task, 0, callbacks)[0])
 
         for name, values in state.history.items():
             for step, value in enumerate(values):

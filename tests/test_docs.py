@@ -131,3 +131,13 @@ def test_license_is_apache_2():
     text = (REPO / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+
+
+def test_readme_lists_every_command_and_shows_the_example_and_monitoring_output():
+    readme = (REPO / "README.md").read_text()
+    commands = build_parser()._subparsers._group_actions[0].choices
+    missing = [name for name in commands if f"`imageiq {name}" not in readme]
+    assert missing == []
+    assert "tests/test_readme_example.py runs these lines as written" in readme
+    assert "$ imageiq status\nlatest runs:" in readme
+    assert "$ imageiq monitor --fail-on-alert" in readme

@@ -58,6 +58,11 @@ def test_embed_rerun_adds_nothing(lake):
     assert len({row["image_id"] for row in stored}) == len(stored)
 
 
+def test_embeddings_have_their_declared_column_types_and_nullability(spark, lake):
+    _, config, *_ = lake
+    assert lakehouse.read_table(spark, config, "embeddings").schema == embed.EMBEDDINGS_SCHEMA
+
+
 def test_similar_returns_the_image_itself_first_for_an_id_and_for_a_file(spark, lake):
     root, config, contents, _, _, _, _ = lake
     photo = contents["photo/0.jpg"]
@@ -76,3 +81,27 @@ def test_similar_returns_the_image_itself_first_for_an_id_and_for_a_file(spark, 
     sheet = similar.write_contact_sheet(spark, config, by_file)
     picture = cv2.imread(sheet.removeprefix("file:"))
     assert picture is not None and picture.shape[0] > 100 and picture.shape[1] > 4 * 100
+
+
+@pytest.mark.slow  # worker restarts and model loads while it bisects; `make test` has preprocess's
+def test_an_image_that_kills_the_python_worker_is_quarantined_and_embedding_goes_on(spark, tmp_path):
+    digits, labels = load_digits()
+    contents = {f"{labels[i]}/{i}.png": images.gray_png(digits[i]) for i in range(6)}
+    ids = sorted(hashlib.sha256(data).hexdigest() for data in contents.values())
+    victim = ids[2]
+    config = make_config(tmp_path, mlflow={"registered_model": f"m_{uuid.uuid4().hex[:8]}"},
+                         score={"fault_inject_id_contains": victim})
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+    version = register(spark, config, seed=5)
+
+    summary = embed.run(spark, config)
+
+    stored = lakehouse.read_table(spark, config, "embeddings").groupBy("image_id").count().collect()
+    assert sorted(r.image_id for r in stored) == [i for i in ids if i != victim]
+    assert {r["count"] for r in stored} == {1}
+    quarantine = lakehouse.read_table(spark, config, "quarantine")
+    assert [tuple(r) for r in quarantine.select("image_id", "stage", "reason", "version").collect()] == [
+        (victim, "embed", "worker_crash", f"{config.mlflow.registered_model}/{version}")
+    ]
+    assert (summary.inserted, summary.failed) == (len(ids) - 1, 1)

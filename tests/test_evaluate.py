@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import pytest
 from conftest import make_config
 from mlflow.tracking import MlflowClient
+from pyspark.sql import functions as F
 
 from imageiq_spark import evaluate, ingest, lakehouse, metrics, preprocess, train
-from imageiq_spark.classifier import load_classifier
+from imageiq_spark.classifier import load_classifier, log_classifier
 from imageiq_spark.sample_data import write_sample_data
 
 
@@ -56,15 +60,43 @@ def test_evaluations_table_holds_the_metrics_of_the_test_split(spark, evaluated)
     assert len(table) == len(report.rows())
 
 
-def test_evaluating_again_replaces_rather_than_adds(spark, evaluated):
+def test_evaluations_have_their_declared_column_types_and_nullability(spark, evaluated):
     config, _ = evaluated
-    before = lakehouse.read_table(spark, config, "evaluations").count()
+    assert lakehouse.read_table(spark, config, "evaluations").schema == evaluate.EVALUATIONS_SCHEMA
 
-    evaluate.run(spark, config)
 
-    rows = lakehouse.read_table(spark, config, "evaluations")
-    assert rows.count() == before
-    assert rows.groupBy("metric", "class").count().where("count > 1").count() == 0
+def test_evaluating_again_replaces_each_value_and_its_time(spark, evaluated):
+    config, _ = evaluated
+    # A copy of the lake's `prepared` and of the champion, so the shared lake and run stay as they are.
+    copy = config.with_overrides({"catalog.database": f"{config.catalog.database}_again",
+                                  "mlflow.registered_model": "digits_again"})
+    preprocess.read_prepared(spark, config).write.format("delta").save(
+        lakehouse.table_location(copy, "prepared"))
+    with mlflow.start_run(), TemporaryDirectory() as staging:
+        log_classifier(load_classifier("models:/digits/1"), staging, registered_model_name="digits_again")
+
+    def evaluations() -> dict:
+        rows = lakehouse.read_table(spark, copy, "evaluations").collect()
+        assert len({(r.metric, r["class"]) for r in rows}) == len(rows)
+        return {(r.metric, r["class"]): (r.value, r.evaluated_at) for r in rows}
+
+    evaluate.run(spark, copy, "models:/digits_again/1")
+    before = evaluations()
+    test = preprocess.read_prepared(spark, copy, splits=["test"]).groupBy("label").count()
+    label = test.orderBy(F.desc("count"), "label").first()["label"]
+    gone = preprocess.read_prepared(spark, copy, splits=["test"]).where(F.col("label") == label).first()
+    spark.sql(f"DELETE FROM delta.`{lakehouse.table_location(copy, 'prepared')}` "
+              f"WHERE image_id = '{gone.image_id}'")
+
+    again = evaluate.run(spark, copy, "models:/digits_again/1")
+
+    after = evaluations()
+    assert after.keys() == before.keys()
+    assert all(after[key][1] > before[key][1] for key in after)
+    assert after[("support", label)][0] == before[("support", label)][0] - 1
+    expected = {(metric, cls): value for metric, cls, value in again.report.rows()}
+    for key, (value, _) in after.items():
+        assert value == (None if math.isnan(expected[key]) else pytest.approx(expected[key]))
 
 
 def test_metrics_and_pictures_are_logged_to_the_models_run(evaluated):

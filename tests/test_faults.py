@@ -146,6 +146,26 @@ def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp
     assert summary.new_images == 19
 
 
+@pytest.mark.slow  # the ingest crash test covers faults.survive_worker_crashes in `make test`
+def test_python_worker_dying_on_one_image_in_preprocess_quarantines_only_that_image(spark, tmp_path, source):
+    config = make_config(tmp_path, ingest={"source": str(source)})
+    ingest.run(spark, config)
+    ids = sorted(r.image_id for r in lakehouse.read_table(spark, config, "images").collect())
+    victim = ids[len(ids) // 2]
+    crashing = config.with_overrides({"preprocess.fault_inject_id_contains": victim})
+
+    summary = preprocess.run(spark, crashing)
+
+    prepared = lakehouse.read_table(spark, config, "prepared").groupBy("image_id").count().collect()
+    assert sorted(r.image_id for r in prepared) == [i for i in ids if i != victim]
+    assert {r["count"] for r in prepared} == {1}
+    quarantine = lakehouse.read_table(spark, config, "quarantine").where("stage = 'preprocess'")
+    assert [tuple(r) for r in quarantine.select("image_id", "reason", "version").collect()] == [
+        (victim, "worker_crash", summary.version)
+    ]
+    assert (summary.prepared, dict(summary.quarantined)) == (len(ids) - 1, {"worker_crash": 1})
+
+
 @pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path, source):
     config = make_config(tmp_path, ingest={"source": str(source)})
@@ -154,9 +174,12 @@ def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path,
 
     proc = start_cli(conf, "preprocess", cwd=tmp_path)
     kill_when(proc, lambda: python_workers_running(proc))
+    rows_after_kill = (lakehouse.read_table(spark, config, "prepared").count()
+                       if lakehouse.table_exists(spark, config, "prepared") else 0)
     rerun = run_cli(conf, "preprocess", cwd=tmp_path)
 
     assert proc.returncode == -signal.SIGKILL
+    assert rows_after_kill == 0, "the kill must land before the tensors are committed"
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     clean = make_config(tmp_path / "clean", ingest={"source": str(source)})
     ingest.run(spark, clean)

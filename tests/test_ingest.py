@@ -21,6 +21,7 @@ from pyspark.testing import assertDataFrameEqual
 from imageiq_spark import ingest, lakehouse
 from imageiq_spark.config import ConfigError
 from imageiq_spark.probe import TOO_MANY_PIXELS, ProbeError, probe
+from imageiq_spark.tables import IMAGES_SCHEMA, QUARANTINE_SCHEMA
 
 
 def write(folder: Path, files: dict[str, bytes]) -> None:
@@ -122,6 +123,12 @@ def test_exif_orientation_is_recorded(spark, mixed):
         rows.selectExpr("element_at(split(path, '/'), -1) AS name", "orientation"),
         [Row(name="rotated.jpg", orientation=6), Row(name="upright.jpg", orientation=1)],
     )
+
+
+def test_tables_have_their_declared_column_types_and_nullability(spark, mixed):
+    config, _ = mixed
+    assert images(spark, config).schema == IMAGES_SCHEMA
+    assert quarantine(spark, config).schema == QUARANTINE_SCHEMA
 
 
 def test_each_broken_file_is_quarantined_with_its_reason(spark, mixed):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ import pytest
 from conftest import make_config
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
+from test_faults import start_cli, write_conf
 
-from imageiq_spark import ingest, lakehouse, preprocess
+from imageiq_spark import ingest, lakehouse, preprocess, tables, transform
 from imageiq_spark.config import Config
 from imageiq_spark.sample_data import load_digits
 from imageiq_spark.transform import TransformSpec, prepare_image
@@ -160,12 +163,63 @@ def test_broken_image_goes_to_quarantine_and_the_job_goes_on(spark, history: His
     rows = (
         lakehouse.read_table(spark, history.config, "quarantine")
         .filter(F.col("stage") == "preprocess")
-        .select("path", "reason", "image_id")
+        .select("path", "reason", "image_id", "version")
         .collect()
     )
-    # One row, though the stage ran four times.
-    assert [tuple(r) for r in rows] == [("file:/src/5/broken.png", "decode_failed", history.broken_id)]
+    # One row per version, though the stage ran three times at the first one.
+    broken = ("file:/src/5/broken.png", "decode_failed", history.broken_id)
+    assert sorted(tuple(r) for r in rows) == sorted([
+        (*broken, TransformSpec.from_config(history.config).version), (*broken, history.gray.version)
+    ])
     assert history.broken_id not in {r["image_id"] for r in history.after_first}
+
+
+def _square_only(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """A resize policy with a bug: it refuses every image that is not square."""
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"not square: {image.shape[:2]}")
+    return cv2.resize(image, spec.size[::-1], interpolation=cv2.INTER_AREA).reshape(*spec.size, -1)
+
+
+@pytest.fixture
+def square_only_policy() -> Iterator[str]:
+    from pyspark import cloudpickle
+
+    # By value: the Python workers cannot import this test module.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    transform.resize_policy("square_only", covers=True)(_square_only)
+    yield "square_only"
+    del transform.RESIZE_POLICIES["square_only"]
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_an_image_quarantined_under_one_version_is_prepared_by_a_fixed_transform(
+        spark, tmp_path, square_only_policy):
+    buggy = make_config(tmp_path, preprocess={"size": [8, 8], "resize": square_only_policy})
+    digits, _ = load_digits()
+    wide_id, *square_ids = add_images(spark, buggy, [
+        ("file:/d/wide.png", images.png(images.quadrants(20, 30)), "wide"),
+        *[(f"file:/d/{i}.png", images.gray_png(digits[i]), "digit") for i in range(3)],
+    ])
+    first = preprocess.run(spark, buggy)
+
+    fixed = buggy.with_overrides({"preprocess.resize": "stretch"})
+    second = preprocess.run(spark, fixed)
+
+    quarantined = lakehouse.read_table(spark, buggy, "quarantine").select("image_id", "reason", "version")
+    assert [tuple(r) for r in quarantined.collect()] == [(wide_id, "transform_failed", first.version)]
+    assert (first.prepared, dict(second.quarantined)) == (3, {})
+    prepared = preprocess.read_prepared(spark, fixed).select("image_id").collect()
+    assert second.prepared == 4
+    assert sorted(r.image_id for r in prepared) == sorted([wide_id, *square_ids])
+
+
+def test_tables_have_their_declared_column_types_and_nullability(spark, history: History):
+    for table, declared in [("prepared", tables.PREPARED_SCHEMA), ("quarantine", tables.QUARANTINE_SCHEMA),
+                            (tables.LABELS_TABLE, tables.LABELS_SCHEMA),
+                            (tables.VERSIONS_TABLE, tables.VERSIONS_SCHEMA),
+                            (tables.STATS_TABLE, tables.RUN_STATS_SCHEMA)]:
+        assert lakehouse.read_table(spark, history.config, table).schema == declared
 
 
 def test_new_images_only_are_prepared_and_new_labels_are_appended(spark, history: History):
@@ -271,16 +325,21 @@ def test_channel_stats_lost_in_a_crash_are_caught_up_by_the_next_run(spark, tmp_
     assert preprocess.read_channel_stats(spark, config, version) == before
 
 
-def test_concurrent_runs_prepare_each_image_exactly_once(spark, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
+@pytest.mark.slow  # two CLI processes with a Spark start each; `make test-all`
+def test_two_driver_processes_prepare_each_image_exactly_once(spark, tmp_path):
     config = make_config(tmp_path, preprocess={"size": [8, 8]})
     digits, digit_labels = load_digits()
     ids = add_images(spark, config, [(f"file:/d/{i}.png", images.gray_png(digits[i]),
                                       str(digit_labels[i])) for i in range(40)])
-    with ThreadPoolExecutor(2) as pool:
-        summaries = list(pool.map(lambda _: preprocess.run(spark, config), range(2)))
+    conf = write_conf(config, tmp_path / "conf.yaml")
+
+    drivers = [start_cli(conf, "preprocess", cwd=tmp_path) for _ in range(2)]
+    outputs = [driver.communicate(timeout=900) for driver in drivers]
+
+    assert [d.returncode for d in drivers] == [0, 0], [err[-3000:] for _, err in outputs]
     rows = preprocess.read_prepared(spark, config).groupBy("image_id").count().collect()
     assert sorted(r["image_id"] for r in rows) == sorted(ids)
     assert {r["count"] for r in rows} == {1}
-    assert sum(s.prepared for s in summaries) == len(ids)
+    runs = lakehouse.read_table(spark, config, "job_runs").where("stage = 'preprocess'").collect()
+    assert sorted(r.status for r in runs) == ["succeeded", "succeeded"]
+    assert sum(r.rows_written for r in runs) == len(ids)

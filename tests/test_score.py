@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
-import threading
 import uuid
 
 import cv2
@@ -134,6 +133,11 @@ def test_undecodable_image_goes_to_quarantine_once(spark, scored):
     ]
 
 
+def test_predictions_have_their_declared_column_types_and_nullability(spark, scored):
+    lake, *_ = scored
+    assert predictions(spark, lake).schema == score.PREDICTIONS_SCHEMA
+
+
 def test_scoring_twice_adds_no_rows(spark, scored):
     lake, first, before, second = scored
     assert (first.inserted, second.inserted) == (16, 0)
@@ -181,26 +185,40 @@ def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
     assert {r.model_version for r in predictions(spark, lake).collect()} == {"2"}
 
 
-def test_two_concurrent_runs_leave_one_row_per_image_and_version(spark, lake):
-    results: list[object] = []
+@pytest.mark.slow  # two more Spark drivers; `make test` runs the two-driver test of preprocess
+def test_two_driver_processes_leave_one_row_per_image_and_version(spark, lake, tmp_path):
+    from test_faults import start_cli, write_conf
 
-    def go() -> None:
-        try:
-            results.append(score.run(spark, lake))
-        except Exception as exc:  # surfaced by the assertion below
-            results.append(exc)
+    conf = write_conf(lake, tmp_path / "conf.yaml")
 
-    threads = [threading.Thread(target=go) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    drivers = [start_cli(conf, "score", cwd=tmp_path) for _ in range(2)]
+    outputs = [driver.communicate(timeout=900) for driver in drivers]
 
-    assert all(isinstance(r, score.ScoreSummary) for r in results), results
-    assert sorted(r.inserted for r in results) == [0, 16]
+    assert [d.returncode for d in drivers] == [0, 0], [err[-3000:] for _, err in outputs]
+    runs = lakehouse.read_table(spark, lake, "job_runs").where("stage = 'score'").collect()
+    assert sorted(r.rows_written for r in runs) == [0, 16]
     keys = predictions(spark, lake).groupBy(*score.PREDICTION_KEYS).count()
     assert keys.count() == 16
     assert keys.where("count > 1").count() == 0
+
+
+@pytest.mark.slow  # worker restarts and model loads while it bisects; `make test` has preprocess's
+def test_an_image_that_kills_the_python_worker_is_quarantined_and_scoring_goes_on(spark, lake):
+    ids = sorted(r.image_id for r in lakehouse.read_table(spark, lake, "images").collect())
+    victim = ids[len(ids) // 2]
+    crashing = lake.with_overrides({"score.fault_inject_id_contains": victim})
+
+    summary = score.run(spark, crashing)
+
+    keys = predictions(spark, lake).groupBy("image_id").count().collect()
+    assert sorted(r.image_id for r in keys) == [i for i in ids if i not in (victim, "0" * 64)]
+    assert {r["count"] for r in keys} == {1}
+    quarantine = lakehouse.read_table(spark, lake, "quarantine").where("stage = 'score'")
+    model = f"{lake.mlflow.registered_model}/1"
+    assert sorted(tuple(r) for r in quarantine.select("image_id", "reason", "version").collect()) == [
+        ("0" * 64, "decode_failed", model), (victim, "worker_crash", model)
+    ]
+    assert (summary.candidates, summary.inserted, summary.failed) == (len(ids), len(ids) - 2, 2)
 
 
 # --- the views, over small hand-made tables ---------------------------------------------------

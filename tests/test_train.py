@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -181,6 +183,59 @@ def test_crashed_run_resumes_from_its_checkpoint_in_the_same_run(spark, lake):
     assert summary.run_id == crashed[0].info.run_id
     assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [0, 1, 2, 3]
     assert client.get_run(summary.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow  # a training driver of its own, killed, then the run resumed; `make test-all`
+def test_training_killed_with_sigkill_resumes_its_mlflow_run_and_finishes_it(spark, lake, tmp_path):
+    from test_faults import kill_when, start_cli, write_conf
+
+    _, config = lake
+    config = config.with_overrides({"train.epochs": 4, "train.reader": "arrow",
+                                    "mlflow.registered_model": "killed"})
+    checkpoint = Path(urlparse(train.checkpoint_dir(config, train.prepared_version(spark, config))).path)
+    driver = start_cli(write_conf(config, tmp_path / "conf.yaml"), "train", cwd=tmp_path)
+
+    def epochs_done() -> int:
+        state = train.TrainState.load(str(checkpoint))
+        return state.epochs_done if state else 0
+
+    kill_when(driver, lambda: epochs_done() >= 1, timeout=900)
+    killed_after = epochs_done()
+    configure_mlflow(config)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.mlflow.experiment).experiment_id
+    runs = client.search_runs([experiment], filter_string="params.`mlflow.registered_model` = 'killed'")
+
+    summary = train.run(spark, config)
+
+    assert driver.returncode == -signal.SIGKILL and 1 <= killed_after < 4
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what a SIGKILL leaves behind
+    assert (summary.run_id, summary.resumed_from) == (runs[0].info.run_id, killed_after)
+    assert summary.epochs_run == 4
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    assert client.search_runs([experiment], filter_string="params.`mlflow.registered_model` = 'killed' "
+                                                          "and attributes.status = 'RUNNING'") == []
+
+
+@pytest.mark.slow  # MobileNetV2 on CPU; `make test-all`
+def test_mobilenet_v2_without_pretrained_weights_trains_a_few_steps_and_scores(spark, lake):
+    from imageiq_spark import score
+
+    _, config = lake
+    config = config.with_overrides({"train.model": "mobilenet_v2", "train.weights": "none",
+                                    "train.epochs": 1, "preprocess.size": [32, 32],
+                                    "mlflow.registered_model": "mobile"})
+    preprocess.run(spark, config)
+
+    trained = train.run(spark, config)
+    scored = score.run(spark, config, f"models:/mobile/{trained.version}")
+
+    classifier = load_classifier(f"models:/mobile/{trained.version}")
+    assert classifier.model.count_params() > 2_000_000  # MobileNetV2's 2.2M; the small CNN has far fewer
+    assert classifier.model.input_shape[1:] == (32, 32, 3)
+    assert trained.epochs_run == 1 and trained.train_rows > 0
+    images = lakehouse.read_table(spark, config, "images").count()
+    assert (scored.candidates, scored.inserted, scored.failed) == (images, images, 0)
 
 
 def _accuracy_on_current_val(spark, config, model_uri: str) -> float:

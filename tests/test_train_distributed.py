@@ -27,12 +27,12 @@ def test_two_barrier_workers_train_in_lockstep_and_register_a_model(spark, tmp_p
 
     configure_mlflow(config)
     params = MlflowClient().get_run(summary.run_id).data.params
-    steps = json.loads(params["steps_per_epoch_per_worker"])
-    losses = json.loads(params["final_loss_per_worker"])
-    # Every worker steps the same number of batches: all train rows once across both workers.
-    assert steps == [-(-summary.train_rows // 16)] * 2
-    # Gradients are all-reduced: both ranks end with the same aggregated loss.
-    assert losses[0] == losses[1]
+    steps = json.loads(params["optimizer_steps_per_worker"])
+    weights = json.loads(params["weights_sha256_per_worker"])
+    # Each rank ran every step of every epoch: all train rows once per epoch across both ranks.
+    assert steps == [2 * -(-summary.train_rows // 16)] * 2
+    # Gradients are all-reduced: both ranks end with bit-identical weights.
+    assert weights[0] == weights[1]
     assert summary.workers == 2
     assert summary.epochs_run == 2
     assert summary.alias == "champion"

@@ -1,0 +1,60 @@
+"""What users see: a stage run from the CLI writes our progress lines to stderr, not the start-up
+noise of TensorFlow in the driver and the Python workers; `--verbose` brings that back."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import images
+import pytest
+from conftest import make_config
+from test_duplicates import image_rows
+from test_faults import run_cli, write_conf
+from test_score import register
+
+from imageiq_spark import ingest, lakehouse
+from imageiq_spark.sample_data import load_digits
+
+#: Lines TensorFlow's C++ core and its CUDA probe print in every process that loads it, and
+#: Python warnings as the warnings module prints them.
+NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit", "Warning:")
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Six digits in `images` and a champion model in the registry; (folder, config file)."""
+    root = tmp_path_factory.mktemp("quiet")
+    config = make_config(root, mlflow={"registered_model": f"m_{uuid.uuid4().hex[:8]}"})
+    digits, labels = load_digits()
+    ingest.ensure_tables(spark, config)
+    contents = {f"{labels[i]}/{i}.png": images.gray_png(digits[i]) for i in range(6)}
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+    register(spark, config, seed=4)
+    return root, write_conf(config, root / "conf.yaml")
+
+
+def noise(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if any(marker in line for marker in NOISE)]
+
+
+def test_a_stage_shows_our_progress_and_none_of_the_libraries_start_up_lines(lake):
+    root, conf = lake
+
+    scored = run_cli(conf, "score", cwd=root)
+
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "score: starting" in scored.stderr and "score: done" in scored.stderr
+    assert "predictions:  6 new" in scored.stdout  # the model ran in the Python workers
+    assert noise(scored.stderr) == []
+
+
+@pytest.mark.slow  # a second CLI run with its own Spark start; `make test-all`
+def test_verbose_brings_back_the_start_up_lines_of_the_python_workers(lake):
+    root, conf = lake
+
+    embedded = run_cli(conf, "--verbose", "embed", cwd=root)
+
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    assert "embed: done" in embedded.stderr
+    assert any("absl::InitializeLog" in line for line in noise(embedded.stderr))
