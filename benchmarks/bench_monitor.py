@@ -46,16 +46,19 @@ def build_lake(spark, config) -> None:
         F.lit(28).alias("width"), F.lit(28).alias("height"), F.lit(None).cast("binary").alias("content"),
         F.current_timestamp().alias("ingested_at"))
     images.write.format("delta").save(lakehouse.table_location(config, "images"))
+    now = datetime.datetime.now()
+    # Images arrive over the same 7 days as their predictions.
+    arrived = F.lit(now) - F.expr(f"make_interval(0, 0, 0, 0, 0, 0, id % {DAYS * 86400})")
     profiles = ids.select("image_id", (F.rand(1) * 80 + 20).alias("brightness"),
                           (F.rand(2) + 1).alias("contrast"), (F.rand(3) * 5).alias("sharpness"),
-                          F.current_timestamp().alias("profiled_at"))
+                          F.current_timestamp().alias("profiled_at"), F.lit("png").alias("format"),
+                          F.lit(28).alias("width"), F.lit(28).alias("height"), arrived.alias("ingested_at"))
     profiles.write.format("delta").save(lakehouse.table_location(config, "image_profiles"))
     baseline = ids.where(F.col("id") < BASELINE_IMAGES).select(
         "image_id", F.when(F.col("id") % 5 == 0, "val").otherwise("train").alias("split"),
         F.lit("bench").alias("preprocess_version"),
         F.lit(datetime.datetime(2000, 1, 1)).alias("prepared_at"))
     baseline.write.format("delta").save(lakehouse.table_location(config, "prepared"))
-    now = datetime.datetime.now()
     predictions = ids.select(
         "image_id",
         ((F.col("id") * 7 + (F.rand(4) * 3).cast("long")) % 10).cast("string").alias("predicted_label"),
@@ -63,7 +66,7 @@ def build_lake(spark, config) -> None:
         F.array(F.struct(F.col("label"), F.lit(0.9).alias("probability"))).alias("top_k"),
         F.lit(name).alias("model_name"), F.lit(version.version).alias("model_version"),
         F.lit(run.info.run_id).alias("run_id"),
-        (F.lit(now) - F.expr(f"make_interval(0, 0, 0, 0, 0, 0, id % {DAYS * 86400})")).alias("scored_at"),
+        arrived.alias("scored_at"), "label",
     ).withColumn("score_date", F.to_date("scored_at"))
     predictions.write.format("delta").save(lakehouse.table_location(config, "predictions"))
     monitor.update_image_profiles(spark, config)  # nothing to add: a no-op, as on a steady lake

@@ -333,7 +333,7 @@ class ThresholdsConfig(_Section):
 
 
 class MonitorConfig(_Section):
-    #: Length of a monitoring window: `day` or `hour` (of the prediction's scored_at).
+    #: Length of a monitoring window: `day` or `hour` (of predictions' scored_at, images' ingested_at).
     window: Literal["day", "hour"] = "day"
     #: Only windows that started at most this many days ago are recomputed.
     lookback_days: PositiveInt = 30

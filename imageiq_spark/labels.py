@@ -7,7 +7,8 @@ an image has had: version 1 is the label ingest first gave it (written when the 
 comes, so ingest pays nothing for images that never change), each change adds the next version.
 `images.label` is always the newest. `prepared` rows are updated in place (label and label_index,
 every preprocess version; split and tensor stay), so the next `train` sees changed training rows
-and trains again. Applying the same change twice adds nothing.
+and trains again; so is the `label` of every `predictions` row of the image (monitoring's
+accuracy). Applying the same change twice adds nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def relabel(spark: SparkSession, config: Config, candidates: DataFrame, source: 
     lakehouse.merge(config, "images", changed.select("image_id", "path", "label"), "t.image_id = s.image_id",
                     "WHEN MATCHED THEN UPDATE SET t.label = s.label, t.path = s.path")
     _update_prepared(spark, config, changed.select("image_id", "label"))
+    if lakehouse.table_exists(spark, config, "predictions"):
+        lakehouse.merge(config, "predictions", changed.select("image_id", "label"), "t.image_id = s.image_id",
+                        "WHEN MATCHED THEN UPDATE SET t.label = s.label")
     log.info("relabelled %d image(s) from %s", count, source)
     return count
 

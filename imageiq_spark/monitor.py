@@ -5,14 +5,16 @@ The baseline is what the champion was trained on: the `prepared` rows of its pre
 prepared before its training run started (its tags name the version; the timestamp pins the
 rows, so the baseline survives table copies and VACUUM). Image properties come from its train
 split; label mix, confidence and accuracy from its predictions on the val split, images it never
-fitted. A window holds the champion's predictions of images outside that baseline, by the
-`monitor.window` (day or hour) of `scored_at`, joined to the images' properties.
+fitted. A window (`monitor.window`: day or hour) holds the champion's predictions of images
+outside that baseline by `scored_at`, and the images outside it by `ingested_at`.
 
-Where the time goes: one Spark aggregation reduces window and baseline rows alike to counts per
-(window, variable, category or grid value) (`distribution_counts`), so a million predictions
-reach the driver as a few thousand counts, and `drift` computes the statistics from those.
-Image properties (brightness, contrast, sharpness) need a decode: `image_profiles` keeps them per
-image, computed once, for the images a run needs and does not have yet.
+Where the time goes: one pass over the champion's predictions (they carry the image's label, so
+accuracy needs no join) and one over `image_profiles` (one row per image with its properties,
+format and size), each split from the baseline by a join with the baseline's image ids. Each task
+counts its rows per (window, variable, category or grid value) in Arrow (`CountBatches`), so a
+million predictions reach the driver as a few thousand counts, and `drift` computes the
+statistics from those. Brightness, contrast and sharpness need a decode: `image_profiles` keeps
+them, computed once per image.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -39,10 +42,14 @@ from imageiq_spark.tensors import binary_views
 
 log = logging.getLogger(__name__)
 
+#: One row per image: what `monitor` aggregates per window of `ingested_at`, so that the image
+#: properties of a window need no join (the image columns were added later: last, nullable).
 IMAGE_PROFILES_SCHEMA = tables.schema(
     "image_id STRING NOT NULL, brightness DOUBLE, contrast DOUBLE, sharpness DOUBLE, "
-    "profiled_at TIMESTAMP NOT NULL"
+    "profiled_at TIMESTAMP NOT NULL, format STRING, width INT, height INT, ingested_at TIMESTAMP"
 )
+#: The image columns `profile_images` copies from `images`.
+_IMAGE_COLUMNS = ("format", "width", "height", "ingested_at")
 #: The key columns of `monitor_profiles` and `monitor_drift`: one row per window, source, model, metric.
 _WINDOW_COLUMNS = (
     "window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, source STRING NOT NULL, "
@@ -66,6 +73,8 @@ ALERT_KEYS = ["metric", "window_start", "source", "model_name", "model_version"]
 QUANTUM = {"confidence": 1e-4, "width": 1.0, "height": 1.0, "brightness": 0.01, "contrast": 1e-3,
            "sharpness": 1e-3}
 CATEGORICAL = ("label", "format", "correct")
+#: The columns of `image_profiles` that are profiled per window.
+IMAGE_VARIABLES = ("format", "width", "height", "brightness", "contrast", "sharpness")
 #: Image properties come from a decode at most this much larger than PROFILE_SIDE per side.
 PROFILE_SIDE = 256
 BASELINE = "baseline"
@@ -106,55 +115,81 @@ def _reduced_flag(width: int | None, height: int | None) -> int:
     return cv2.IMREAD_GRAYSCALE
 
 
-_ARROW_PROPERTIES = pa.schema([("image_id", pa.string()), ("brightness", pa.float64()),
-                               ("contrast", pa.float64()), ("sharpness", pa.float64())])
-
-
 def profile_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """`mapInArrow`: (image_id, content, width, height) -> (image_id, brightness, contrast,
-    sharpness); an image that does not decode gets nulls (the other stages quarantine it)."""
+    """`mapInArrow`: (image_id, content, format, width, height, ingested_at) -> (image_id,
+    brightness, contrast, sharpness, format, width, height, ingested_at); an image that does not
+    decode gets null properties (the other stages quarantine it)."""
     import cv2
 
     for batch in batches:
-        widths, heights = batch.column(2).to_pylist(), batch.column(3).to_pylist()
+        widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
         values = []
-        for data, width, height in zip(binary_views(batch.column(1)), widths, heights):
+        for data, width, height in zip(binary_views(batch.column("content")), widths, heights):
             gray = None if data is None else cv2.imdecode(data, _reduced_flag(width, height))
             values.append((None, None, None) if gray is None else image_properties(gray))
         columns = list(zip(*values)) if values else [(), (), ()]
         yield pa.RecordBatch.from_arrays(
-            [batch.column(0), *(pa.array(c, pa.float64()) for c in columns)], schema=_ARROW_PROPERTIES)
+            [batch.column("image_id"), *(pa.array(c, pa.float64()) for c in columns),
+             *(batch.column(name) for name in _IMAGE_COLUMNS)],
+            names=["image_id", "brightness", "contrast", "sharpness", *_IMAGE_COLUMNS])
 
 
 def profile_images(images: DataFrame) -> DataFrame:
-    """(image_id, content, width, height) rows -> IMAGE_PROFILES_SCHEMA rows."""
-    schema = StructType(IMAGE_PROFILES_SCHEMA.fields[:-1])
-    return (images.select("image_id", "content", "width", "height")
-            .mapInArrow(profile_batches, schema)
-            .withColumn("profiled_at", F.current_timestamp()))
+    """`images` rows -> IMAGE_PROFILES_SCHEMA rows."""
+    computed = StructType([f for f in IMAGE_PROFILES_SCHEMA.fields if f.name != "profiled_at"])
+    return (images.select("image_id", "content", *_IMAGE_COLUMNS)
+            .mapInArrow(profile_batches, computed)
+            .select(*(F.current_timestamp().alias(n) if n == "profiled_at" else F.col(n)
+                      for n in IMAGE_PROFILES_SCHEMA.fieldNames())))
 
 
 # --- distributions ------------------------------------------------------------------------------
 
 
+COUNTS_SCHEMA = tables.schema(
+    "source STRING, window_start TIMESTAMP, variable STRING, category STRING, bin BIGINT, count BIGINT"
+)
+
+
+@dataclass(frozen=True)
+class CountBatches:
+    """`mapInArrow`: (source, window_start, a string column per categorical variable, a grid bin
+    per continuous one) -> COUNTS_SCHEMA rows: one Arrow hash aggregation per variable over the
+    task's whole partition, so a million rows leave the task as a few thousand counts."""
+
+    categorical: tuple[str, ...]
+    continuous: tuple[str, ...]
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = pa.Table.from_batches(list(batches))
+        if rows.num_rows == 0:
+            return
+        keys = ["source", "window_start"]
+        for name in self.categorical + self.continuous:
+            counted = (rows.select([*keys, name]).filter(pc.is_valid(rows.column(name)))
+                       .group_by([*keys, name]).aggregate([([], "count_all")]))
+            n, is_category = counted.num_rows, name in self.categorical
+            yield from pa.table({
+                "source": counted["source"], "window_start": counted["window_start"],
+                "variable": pa.array([name] * n, pa.string()),
+                "category": counted[name] if is_category else pa.nulls(n, pa.string()),
+                "bin": pa.nulls(n, pa.int64()) if is_category else counted[name],
+                "count": counted["count_all"],
+            }).to_batches()
+
+
 def distribution_counts(rows: DataFrame) -> DataFrame:
     """Rows with a `source`, a `window_start` and any of the CATEGORICAL / QUANTUM columns -> counts
-    per (source, window_start, variable, category, bin), in one aggregation. A continuous value v is counted
-    at bin round(v / quantum); nulls are not counted."""
-    entries: list[Column] = []
-    for name in CATEGORICAL:
-        if name in rows.columns:
-            entries.append(F.struct(F.lit(name).alias("variable"),
-                                    F.col(name).cast("string").alias("category"),
-                                    F.lit(None).cast("long").alias("bin")))
-    for name, quantum in QUANTUM.items():
-        if name in rows.columns:
-            entries.append(F.struct(F.lit(name).alias("variable"),
-                                    F.lit(None).cast("string").alias("category"),
-                                    F.round(F.col(name) / quantum).cast("long").alias("bin")))
-    return (rows.select("source", "window_start", F.explode(F.array(*entries)).alias("e"))
-            .where(F.col("e.category").isNotNull() | F.col("e.bin").isNotNull())
-            .groupBy("source", "window_start", "e.variable", "e.category", "e.bin").count())
+    per (source, window_start, variable, category, bin). A continuous value v is counted at bin
+    round(v / quantum); nulls are not counted. Each task counts its partition in Arrow
+    (`CountBatches`) and Spark sums the tasks' counts: one pass, no row per (row, variable)."""
+    categorical = tuple(n for n in CATEGORICAL if n in rows.columns)
+    continuous = tuple(n for n in QUANTUM if n in rows.columns)
+    keyed = rows.select("source", "window_start", *(F.col(n).cast("string").alias(n) for n in categorical),
+                        *(F.round(F.col(n) / QUANTUM[n]).cast("long").alias(n) for n in continuous))
+    return (keyed.mapInArrow(CountBatches(categorical, continuous), COUNTS_SCHEMA)
+            .groupBy("source", "window_start", "variable", "category", "bin")
+            .agg(F.sum("count").alias("count")))
 
 
 @dataclass
@@ -292,39 +327,37 @@ def _window_end(start: datetime.datetime, unit: str) -> datetime.datetime:
 def population(spark: SparkSession, config: Config, model: Champion, since: datetime.datetime
                ) -> DataFrame:
     """Window rows (source `batch`, and `online` from the serving log) and baseline rows (window_start
-    null) with the columns `distribution_counts` counts: the champion's predictions outside its
-    baseline, its val predictions, and the properties of its training images."""
-    images = lakehouse.read_table(spark, config, "images").select("image_id", "label", "format", "width",
-                                                                  "height")
-    profiles = lakehouse.read_table(spark, config, "image_profiles").select(
-        "image_id", "brightness", "contrast", "sharpness")
+    null) with the columns `distribution_counts` counts.
+
+    One pass over the champion's predictions: those of images outside its baseline are window rows
+    (by `scored_at`), those of its val images baseline rows. One pass over `image_profiles`: images
+    outside the baseline are window rows (by `ingested_at`, when they arrived), its training images
+    baseline rows. Accuracy uses the label each prediction row carries (`score` writes the image's
+    label, `relabel` keeps it current), so neither pass joins a table of the same size.
+    """
+    unit = config.monitor.window
+    splits = baseline_splits(spark, config, model)
+    in_window = F.col("split").isNull()
+
+    def tagged(table: DataFrame, baseline_split: str, timestamp: str) -> DataFrame:
+        """`table`'s rows with `source` and `window_start`: outside the baseline or in `baseline_split`."""
+        start = window_start(timestamp, unit)
+        return (table.join(splits, "image_id", "left")
+                .where((in_window & (start >= F.lit(since))) | (F.col("split") == baseline_split))
+                .withColumn("source", F.when(in_window, F.lit(BATCH)).otherwise(F.lit(BASELINE)))
+                .withColumn("window_start", F.when(in_window, start)))
+
     predictions = (lakehouse.read_table(spark, config, "predictions")
                    .where((F.col("model_name") == model.name) & (F.col("model_version") == model.version))
-                   .select("image_id", "scored_at", F.col("predicted_label"), "confidence"))
-    splits = baseline_splits(spark, config, model)
-    unit = config.monitor.window
-
+                   .select("image_id", "scored_at", "predicted_label", "confidence", "label"))
     correct = F.when(F.col("label").isNotNull(),
                      (F.col("predicted_label") == F.col("label")).cast("string")).alias("correct")
-    window_rows = (predictions.join(splits, "image_id", "left_anti")
-                   .withColumn("window_start", window_start("scored_at", unit))
-                   .where(F.col("window_start") >= F.lit(since))
-                   .join(images, "image_id", "left").join(profiles, "image_id", "left")
-                   .select("window_start", F.col("predicted_label").alias("label"), "confidence", correct,
-                           "format", "width", "height", "brightness", "contrast", "sharpness"))
-    val = (predictions.join(splits.where(F.col("split") == "val"), "image_id", "left_semi")
-           .join(images.select("image_id", "label"), "image_id", "left")
-           .select(F.col("predicted_label").alias("label"), "confidence", correct))
-    train_images = (images.drop("label")
-                    .join(splits.where(F.col("split") == "train"), "image_id", "left_semi")
-                    .join(profiles, "image_id", "left"))
-    no_window = F.lit(None).cast("timestamp").alias("window_start")
-    baseline = F.lit(BASELINE).alias("source")
-    rows = (window_rows.withColumn("source", F.lit(BATCH))
-            .unionByName(val.select(baseline, no_window, "label", "confidence", "correct"),
-                         allowMissingColumns=True)
-            .unionByName(train_images.select(baseline, no_window, "format", "width", "height", "brightness",
-                                             "contrast", "sharpness"), allowMissingColumns=True))
+    rows = tagged(predictions, "val", "scored_at").select(
+        "source", "window_start", F.col("predicted_label").alias("label"), "confidence", correct)
+    images = lakehouse.read_table(spark, config, "image_profiles")
+    rows = rows.unionByName(
+        tagged(images, "train", "ingested_at").select("source", "window_start", *IMAGE_VARIABLES),
+        allowMissingColumns=True)
     online = online_predictions(spark, config, model)
     if online is not None:
         rows = rows.unionByName(
@@ -363,12 +396,25 @@ def quarantine_rates(spark: SparkSession, config: Config, since: datetime.dateti
 
 
 def update_image_profiles(spark: SparkSession, config: Config) -> int:
-    """Profile the images that have none yet; returns how many were added."""
+    """Profile the images that have none yet; returns how many were added. Rows profiled before
+    `image_profiles` held the image columns get them from `images`, once."""
     from imageiq_spark.session import spread
 
     lakehouse.ensure_table(spark, config, "image_profiles", IMAGE_PROFILES_SCHEMA)
-    todo = lakehouse.read_table(spark, config, "images").join(
-        lakehouse.read_table(spark, config, "image_profiles").select("image_id"), "image_id", "left_anti")
+    images = lakehouse.read_table(spark, config, "images")
+    profiles = lakehouse.read_table(spark, config, "image_profiles")
+    if profiles.where(F.col("ingested_at").isNull()).limit(1).count():
+        lakehouse.merge(config, "image_profiles", images.select("image_id", *_IMAGE_COLUMNS),
+                        "t.image_id = s.image_id AND t.ingested_at IS NULL",
+                        "WHEN MATCHED THEN UPDATE SET " + ", ".join(f"t.{c} = s.{c}" for c in _IMAGE_COLUMNS))
+    # Profiles are only ever made from images: the same count and newest arrival mean none is
+    # missing, which Delta answers from its file statistics instead of joining two large tables.
+    def extent(table: DataFrame) -> tuple:
+        return tuple(table.agg(F.count(F.lit(1)), F.max("ingested_at")).first())
+
+    if extent(images) == extent(profiles):
+        return 0
+    todo = images.join(profiles.select("image_id"), "image_id", "left_anti")
     return lakehouse.merge_new_rows(config, "image_profiles", profile_images(spread(todo)), ["image_id"])
 
 

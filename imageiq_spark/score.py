@@ -57,7 +57,7 @@ _TOP_K = "ARRAY<STRUCT<label: STRING, probability: DOUBLE>>"
 PREDICTIONS_SCHEMA = schema(
     f"image_id STRING NOT NULL, predicted_label STRING, confidence DOUBLE, top_k {_TOP_K}, "
     "model_name STRING NOT NULL, model_version STRING NOT NULL, run_id STRING, "
-    "scored_at TIMESTAMP NOT NULL, score_date DATE NOT NULL"
+    "scored_at TIMESTAMP NOT NULL, score_date DATE NOT NULL, label STRING"
 )
 PREDICTION_KEYS = ["image_id", "model_name", "model_version"]
 # What the inference UDF returns per image: a prediction, or the reason it could not decode.
@@ -416,7 +416,10 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
         lambda todo, at: with_model_columns(
             score_contents(todo, loader, config.score.top_k, config.score.fault_inject_id_contains),
             name, version, run_id, at),
-        lambda good, _at: good.select(*PREDICTIONS_SCHEMA.fieldNames()),
+        # The image's known label rides along (`relabel` keeps it current), so accuracy per window
+        # is one pass over `predictions` (monitor), and SQL needs no join for it.
+        lambda good, _at: good.join(lakehouse.read_table(spark, config, "images").select("image_id", "label"),
+                                    "image_id").select(*PREDICTIONS_SCHEMA.fieldNames()),
     )
     summary.elapsed_s = time.monotonic() - started
     return summary

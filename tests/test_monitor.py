@@ -113,6 +113,32 @@ def test_an_undisturbed_held_out_batch_raises_no_alert(spark, trained):
     assert alerted(summary) == set()
 
 
+def test_image_profiles_made_before_the_image_columns_get_them_and_keep_their_values(spark, tmp_path):
+    from pyspark.sql.types import StructType
+
+    from imageiq_spark import ingest
+
+    config = make_config(tmp_path, ingest={"source": str(write_digits(tmp_path / "digits", HELD_OUT[:3]))})
+    ingest.run(spark, config)
+    images = {r.image_id: r for r in lakehouse.read_table(spark, config, "images").collect()}
+    first = sorted(images)[0]
+    older = StructType(monitor.IMAGE_PROFILES_SCHEMA.fields[:5])  # the schema before the image columns
+    lakehouse.ensure_table(spark, config, "image_profiles", older)
+    lakehouse.merge_new_rows(config, "image_profiles", spark.createDataFrame(
+        [(first, 1.0, 2.0, 3.0, datetime.datetime(2026, 1, 1))], older), ["image_id"])
+
+    assert monitor.update_image_profiles(spark, config) == 2
+    profiles = lakehouse.read_table(spark, config, "image_profiles")
+    assert profiles.schema == monitor.IMAGE_PROFILES_SCHEMA
+    rows = {r.image_id: r for r in profiles.collect()}
+    assert sorted(rows) == sorted(images)
+    for image, row in rows.items():
+        expected = images[image]
+        assert (row.format, row.width, row.height, row.ingested_at) == (
+            expected.format, expected.width, expected.height, expected.ingested_at)
+    assert (rows[first].brightness, rows[first].contrast, rows[first].sharpness) == (1.0, 2.0, 3.0)
+
+
 def test_a_failed_stage_leaves_a_failed_row_in_job_runs(spark, config):
     lakehouse.ensure_table(spark, config, "prepared", runs.JOB_RUNS_SCHEMA)  # any table but images
     with pytest.raises(RuntimeError, match="run `imageiq ingest` first"):

@@ -1,8 +1,10 @@
 """Relabelling: a file moved to another label folder, or a changed manifest label, gives the image a
-new label version in `image_labels`, the new label in `images` and in its `prepared` rows."""
+new label version in `image_labels`, the new label in `images`, in its `prepared` rows and in its
+predictions."""
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from conftest import make_config
 from images import halves, png, quadrants
 from pyspark.sql import functions as F
 
-from imageiq_spark import ingest, lakehouse, preprocess
+from imageiq_spark import ingest, lakehouse, preprocess, score
 
 FILES = {"cat/one.png": png(quadrants(20, 30)), "cat/two.png": png(halves(20, 30)),
          "dog/three.png": png(quadrants(24, 24))}
@@ -43,6 +45,16 @@ def labels_of(spark, config, table: str, image: str) -> list[tuple]:
             .where(F.col("image_id") == image).select(*columns).collect()]
 
 
+def write_predictions(spark, config) -> None:
+    """Predictions of two model versions for every image, with the image's label as score writes it."""
+    now = datetime.datetime.now()
+    rows = [(image_id(name), "cat", 0.9, [("cat", 0.9)], "m", version, None, now, now.date(),
+             name.split("/")[0]) for name in FILES for version in ("1", "2")]
+    lakehouse.ensure_table(spark, config, "predictions", score.PREDICTIONS_SCHEMA)
+    lakehouse.merge_new_rows(config, "predictions", spark.createDataFrame(rows, score.PREDICTIONS_SCHEMA),
+                             score.PREDICTION_KEYS)
+
+
 def test_a_file_moved_to_another_label_folder_relabels_the_image_and_its_prepared_rows(spark, tmp_path):
     source = tmp_path / "source"
     write(source, FILES)
@@ -50,6 +62,7 @@ def test_a_file_moved_to_another_label_folder_relabels_the_image_and_its_prepare
     ingest.run(spark, config)
     preprocess.run(spark, config)
     moved = image_id("cat/one.png")
+    write_predictions(spark, config)
 
     (source / "dog").mkdir(exist_ok=True)
     shutil.move(source / "cat" / "one.png", source / "dog" / "one.png")
@@ -61,8 +74,10 @@ def test_a_file_moved_to_another_label_folder_relabels_the_image_and_its_prepare
     assert labels_of(spark, config, "images", moved) == [("dog",)]
     assert history(spark, config, moved) == [(1, "cat", "ingest", "one.png"), (2, "dog", "folder", "one.png")]
     assert labels_of(spark, config, "prepared", moved) == [("dog", vocabulary.index("dog"))]
+    assert labels_of(spark, config, "predictions", moved) == [("dog",), ("dog",)]  # both model versions
     # The other images keep their labels and no history.
     assert labels_of(spark, config, "images", image_id("cat/two.png")) == [("cat",)]
+    assert labels_of(spark, config, "predictions", image_id("cat/two.png")) == [("cat",), ("cat",)]
     assert history(spark, config, image_id("cat/two.png")) == []
 
 

@@ -104,8 +104,9 @@ def predictions(spark, config):
 def test_every_image_gets_the_champions_prediction(spark, scored):
     lake, summary, rows, _ = scored
 
-    images = {r.image_id: bytes(r.content)
-              for r in lakehouse.read_table(spark, lake, "images").collect()}
+    stored = lakehouse.read_table(spark, lake, "images").collect()
+    images = {r.image_id: bytes(r.content) for r in stored}
+    known_labels = {r.image_id: r.label for r in stored}
     classifier = load_classifier(f"models:/{lake.mlflow.registered_model}/1")
     probs, failed = classifier.predict_bytes(list(images.values()))
     expected = {image_id: probs[i] for i, image_id in enumerate(images) if i not in failed}
@@ -122,6 +123,8 @@ def test_every_image_gets_the_champions_prediction(spark, scored):
         assert (row.model_name, row.model_version, row.run_id) == (lake.mlflow.registered_model, "1",
                                                                     run_id)
         assert row.score_date == row.scored_at.date()
+        assert row.label == known_labels[row.image_id]  # the image's label, for accuracy without a join
+    assert None not in {row.label for row in rows}
 
 
 def test_undecodable_image_goes_to_quarantine_once(spark, scored):
@@ -228,7 +231,7 @@ def _prediction(image_id: str, label: str, confidence: float, version: str, day:
     scored_at = datetime.datetime(2026, 11, day, 12, 0)
     return Row(image_id=image_id, predicted_label=label, confidence=confidence,
                top_k=[Row(label=label, probability=confidence)], model_name="m", model_version=version,
-               run_id=f"run{version}", scored_at=scored_at, score_date=scored_at.date())
+               run_id=f"run{version}", scored_at=scored_at, score_date=scored_at.date(), label=None)
 
 
 @pytest.fixture
