@@ -77,6 +77,11 @@ def exists(uri: str) -> bool:
     return filesystem_.get_file_info(path).type == fs.FileType.File
 
 
+def folder_exists(uri: str) -> bool:
+    filesystem_, path = filesystem(uri)
+    return filesystem_.get_file_info(path).type == fs.FileType.Directory
+
+
 def put_file(local: str | Path, uri: str) -> None:
     """Copy a local file to `uri` (replacing it)."""
     write_bytes(uri, Path(local).read_bytes())

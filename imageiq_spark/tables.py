@@ -14,7 +14,7 @@ from pyspark.sql import types as T
 _TYPES: dict[str, T.DataType] = {
     "STRING": T.StringType(), "INT": T.IntegerType(), "BIGINT": T.LongType(), "FLOAT": T.FloatType(),
     "DOUBLE": T.DoubleType(), "TIMESTAMP": T.TimestampType(), "DATE": T.DateType(),
-    "BINARY": T.BinaryType(),
+    "BINARY": T.BinaryType(), "TINYINT": T.ByteType(),
 }
 
 

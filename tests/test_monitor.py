@@ -18,7 +18,6 @@ from scipy import stats
 
 from imageiq_spark import cli, drift, lakehouse, monitor, runs
 from imageiq_spark.config import to_dict
-from imageiq_spark.monitor import Distributions, distribution_counts
 from imageiq_spark.sample_data import load_digits
 
 # The digits come sorted by label: a seeded shuffle gives every set all ten classes.
@@ -216,9 +215,8 @@ def samples(spark):
     rows = ([("baseline", None, str(label), float(c)) for label, c in zip(base_labels, base)]
             + [("batch", day, str(label), float(c)) for label, c in zip(window_labels, window)])
     df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
-    counted = distribution_counts(df).collect()
-    sides = [Distributions.from_rows([r for r in counted if r["window_start"] == when])
-             for when in (None, day)]
+    counted = monitor.collect_sides([df])
+    sides = [counted[("baseline", None)], counted[("batch", day)]]
     return base, window, base_labels, window_labels, monitor.drift_metrics(*sides)
 
 
