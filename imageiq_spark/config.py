@@ -289,9 +289,10 @@ class ServeConfig(_Section):
     port: Annotated[int, _check("a TCP port 0..65535", lambda v: 0 <= v <= 65535)] = 8080
     #: Most images in one forward pass of the micro-batcher.
     max_batch_size: AtLeastOne = 32
-    #: Longest a forward pass waits for requests still being decoded, in milliseconds; a request
-    #: that arrives alone never waits.
-    max_wait_ms: NonNegative = 5.0
+    #: Longest a forward pass waits for more images, in milliseconds: for requests still being
+    #: decoded, and for as many images as were in the server at once in the last second (under a
+    #: concurrent load, the clients just answered). A request that arrives alone never waits.
+    max_wait_ms: NonNegative = 20.0
     #: Most images in one multipart or v2 infer request.
     max_images_per_request: AtLeastOne = 64
     #: Seconds between registry checks of the alias being served (a new version is loaded, then

@@ -457,6 +457,49 @@ def test_concurrent_requests_share_forward_passes_of_bounded_size(url, images):
     assert metric(url, "imageiq_serve_batch_size_bucket", le="8.0") - within == passes
 
 
+def gathered(recent_images: int, queued: int, arriving_after_s: float | None = None) -> tuple[int, float]:
+    """(images in the batch a MicroBatcher (at most 8 images, 0.5 s wait) gathers, seconds it took),
+    after `recent_images` were in the server at once, with `queued` one-image jobs waiting and, if
+    given, as many again arriving after `arriving_after_s`."""
+    import asyncio
+
+    from imageiq_spark.serve import MicroBatcher, _Job
+
+    model = object()
+
+    async def scenario() -> tuple[int, float]:
+        batcher = MicroBatcher(max_batch=8, max_wait_s=0.5, observe=lambda n: None)
+        batcher.entered(recent_images)
+        batcher.left(recent_images - queued)
+        loop = asyncio.get_running_loop()
+        job = lambda: _Job(model, np.zeros((1, 2, 2, 3), np.uint8), loop.create_future())  # noqa: E731
+        for _ in range(queued):
+            batcher._queue.put_nowait(job())
+        if arriving_after_s is not None:
+            arrive = lambda: [batcher._queue.put_nowait(job()) for _ in range(queued)]  # noqa: E731
+            loop.call_later(arriving_after_s, arrive)
+        started = loop.time()
+        jobs = await batcher._gather()
+        return sum(len(j.tensors) for j in jobs), loop.time() - started
+
+    return asyncio.run(scenario())
+
+
+def test_a_lone_request_is_forwarded_without_waiting():
+    size, waited = gathered(recent_images=1, queued=1)
+    assert size == 1 and waited < 0.1
+
+
+def test_under_concurrent_load_a_batch_waits_for_the_answered_clients_to_come_back():
+    size, waited = gathered(recent_images=8, queued=4, arriving_after_s=0.05)
+    assert size == 8 and 0.04 < waited < 0.4
+
+
+def test_the_wait_for_a_fuller_batch_is_bounded_by_max_wait():
+    size, waited = gathered(recent_images=8, queued=2)  # nobody comes back
+    assert size == 2 and 0.45 < waited < 1.0
+
+
 def test_request_log_is_readable_by_spark(spark, url, lake, images):
     _, config, _ = lake
     answers = [post_image(url, data, f"image/{fmt}").json() for _, fmt, data in images[10:13]]
