@@ -65,7 +65,7 @@ def build_lake(spark, config) -> None:
         ((F.col("id") * 7 + (F.rand(4) * 3).cast("long")) % 10).cast("string").alias("predicted_label"),
         F.pow(F.rand(5), 0.2).alias("confidence"),
         F.array(F.struct(F.col("label"), F.lit(0.9).alias("probability"))).alias("top_k"),
-        F.lit(name).alias("model_name"), F.lit(version.version).alias("model_version"),
+        F.lit(name).alias("model_name"), F.lit(str(version.version)).alias("model_version"),
         F.lit(run.info.run_id).alias("run_id"),
         arrived.alias("scored_at"), "label",
     ).withColumn("score_date", F.to_date("scored_at"))

@@ -28,7 +28,6 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -146,11 +145,8 @@ def profile_images(images: DataFrame) -> DataFrame:
 
 # --- distributions ------------------------------------------------------------------------------
 
-
-#: Partial counts of one task: `source` is 1 + its index in SOURCES, `window_start` in microseconds.
-COUNTS_SCHEMA = tables.schema(
-    "source TINYINT, window_start BIGINT, variable STRING, category STRING, bin BIGINT, count BIGINT"
-)
+#: Partial counts of one task: `side` is `side_code` (source and window start as one integer).
+COUNTS_SCHEMA = tables.schema("side BIGINT, variable STRING, category STRING, bin BIGINT, count BIGINT")
 
 
 def count_pairs(sides: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,9 +166,9 @@ def count_pairs(sides: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.nd
 
 @dataclass(frozen=True)
 class CountBatches:
-    """`mapInArrow`: (source code, window start in microseconds, a string column per categorical
-    variable, a grid bin per continuous one) -> COUNTS_SCHEMA rows. The task's whole partition is
-    counted at once in numpy on integer codes, so a million rows leave it as a few thousand counts."""
+    """`mapInArrow`: (side code, a string or boolean column per categorical variable, a grid bin per
+    continuous one) -> COUNTS_SCHEMA rows. The task's whole partition is counted at once in numpy on
+    integer codes, so a million rows leave it as a few thousand counts."""
 
     categorical: tuple[str, ...]
     continuous: tuple[str, ...]
@@ -182,29 +178,44 @@ class CountBatches:
         if rows.num_rows == 0:
             return
         # A side is one (source, window) of the partition: a handful of them.
-        sources, windows = rows["source"].chunk(0), rows["window_start"].chunk(0)
-        side_keys = (pc.fill_null(windows, -1).to_numpy() * len(SOURCES)
-                     + sources.to_numpy().astype(np.int64))
-        _, first_row, side_of_row = np.unique(side_keys, return_index=True, return_inverse=True)
+        side_keys, side_of_row = np.unique(rows["side"].chunk(0).to_numpy(), return_inverse=True)
         side_of_row = side_of_row.reshape(-1)
         for name in self.categorical + self.continuous:
             column = rows[name].chunk(0)
             if column.null_count == len(column):
                 continue
+            if pa.types.is_boolean(column.type):  # "true" / "false", as Spark casts them
+                column = pc.cast(column, pa.string())
             if name in self.categorical:
                 column = column.dictionary_encode()
                 column, dictionary = column.indices, column.dictionary
             valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
             codes = pc.fill_null(column, 0).to_numpy().astype(np.int64)
             sides, values, counts = count_pairs(side_of_row[valid], codes[valid])
-            at, n = pa.array(first_row[sides]), len(counts)
+            n = len(counts)
             yield pa.RecordBatch.from_arrays(
-                [sources.take(at), windows.take(at),
+                [pa.array(side_keys[sides], pa.int64()),
                  pa.array([name] * n, pa.string()),
                  dictionary.take(pa.array(values)) if name in self.categorical else pa.nulls(n, pa.string()),
                  pa.nulls(n, pa.int64()) if name in self.categorical else pa.array(values),
                  pa.array(counts, pa.int64())],
                 names=COUNTS_SCHEMA.fieldNames())
+
+
+def side_code(source: Column, window_start: Column) -> Column:
+    """(source, window start) as one integer, unix seconds of the window times 4 plus the source's
+    index in SOURCES (1..3), -4 + index for the baseline's null window: Arrow moves one integer
+    column out of the JVM several times faster than a string and a timestamp."""
+    index = F.array_position(F.array(*(F.lit(s) for s in SOURCES)), source)
+    return F.coalesce(F.unix_seconds(window_start), F.lit(-1)) * (len(SOURCES) + 1) + index
+
+
+def decode_side(code: int) -> tuple[str, datetime.datetime | None]:
+    """`side_code`'s integer -> (source, window start as naive local time, as Spark's `collect`
+    gives timestamps; None for the baseline)."""
+    seconds, index = divmod(code, len(SOURCES) + 1)
+    start = None if seconds == -1 else datetime.datetime.fromtimestamp(seconds)
+    return SOURCES[index - 1], start
 
 
 def distribution_counts(rows: DataFrame) -> DataFrame:
@@ -215,11 +226,9 @@ def distribution_counts(rows: DataFrame) -> DataFrame:
     variable), no shuffle."""
     categorical = tuple(n for n in CATEGORICAL if n in rows.columns)
     continuous = tuple(n for n in QUANTUM if n in rows.columns)
-    # Integer codes for the source and the window: Arrow moves them out of the JVM faster than
-    # strings and timestamps (a quarter of the transfer at a million rows).
-    source = F.array_position(F.array(*(F.lit(s) for s in SOURCES)), F.col("source")).cast("tinyint")
-    keyed = rows.select(source.alias("source"), F.unix_micros("window_start").alias("window_start"),
-                        *(F.col(n).cast("string").alias(n) for n in categorical),
+    keyed = rows.select(side_code(F.col("source"), F.col("window_start")).alias("side"),
+                        *(F.col(n) if dict(rows.dtypes)[n] == "boolean" else F.col(n).cast("string").alias(n)
+                          for n in categorical),
                         *(F.rint(F.col(n) / QUANTUM[n]).cast("long").alias(n) for n in continuous))
     return keyed.mapInArrow(CountBatches(categorical, continuous), COUNTS_SCHEMA)
 
@@ -253,16 +262,11 @@ def collect_sides(parts: list[DataFrame]) -> dict[tuple[str, datetime.datetime |
     from imageiq_spark.session import to_arrow
 
     counts = reduce(DataFrame.unionByName, [distribution_counts(part) for part in parts])
-    keys = ["source", "window_start", "variable", "category", "bin"]
+    keys = ["side", "variable", "category", "bin"]
     frame = to_arrow(counts).to_pandas().groupby(keys, dropna=False, sort=False)["count"].sum().reset_index()
     sides: dict[tuple[str, datetime.datetime | None], Distributions] = {}
-    for (source, start, variable), group in frame.groupby(["source", "window_start", "variable"],
-                                                          dropna=False, sort=False):
-        # As Spark's own `collect` gives timestamps: naive local time.
-        start = None if pd.isna(start) else (datetime.datetime.fromtimestamp(int(start) // 1_000_000)
-                                             .replace(microsecond=int(start) % 1_000_000))
-        source = SOURCES[int(source) - 1]
-        side = sides.setdefault((source, start), Distributions())
+    for (code, variable), group in frame.groupby(["side", "variable"], sort=False):
+        side = sides.setdefault(decode_side(int(code)), Distributions())
         if variable in CATEGORICAL:
             side.categories[variable] = dict(zip(group["category"], group["count"].astype(int).tolist()))
         else:

@@ -220,6 +220,15 @@ def samples(spark):
     return base, window, base_labels, window_labels, monitor.drift_metrics(*sides)
 
 
+def test_each_source_and_window_survive_their_integer_side_code(spark):
+    noon = datetime.datetime(2026, 3, 29, 12, 0)
+    sides = [(monitor.BASELINE, None), (monitor.BATCH, noon), (monitor.ONLINE, noon),
+             (monitor.BATCH, datetime.datetime(1969, 12, 31, 23, 0))]
+    rows = spark.createDataFrame(sides, "source STRING, window_start TIMESTAMP")
+    codes = [r[0] for r in rows.select(monitor.side_code(rows["source"], rows["window_start"])).collect()]
+    assert [monitor.decode_side(code) for code in codes] == sides
+
+
 def test_ks_statistic_equals_scipys(samples):
     base, window, *_, metrics = samples
     assert metrics["confidence_ks"] == pytest.approx(stats.ks_2samp(base, window).statistic, abs=1e-12)
