@@ -1,5 +1,5 @@
 """Bounded memory: peak RSS of the Python workers and the JVM for ingest + preprocess over 2,000
-and 20,000 images, against a bare Python process holding the same libraries.
+and 20,000 camera-like 500x375 JPEGs, against a bare Python process holding the same libraries.
 
 Each stage runs as the real CLI in its own process; a sampler walks that process tree every
 50 ms with psutil and keeps the peaks of: each Python worker (`pyspark.daemon` and the workers it
@@ -14,15 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import psutil
 import yaml
 
+from benchmarks.bench_preprocess import image_set
 from benchmarks.common import BENCH_SPARK_CONF, median, table
-from imageiq_spark.sample_data import load_digits
 
 SIZES = (2_000, 20_000)
-REPEATS = 3
+#: Runs per size: the 20,000-image pipeline takes about ten minutes on 2 cores, so it runs once.
+REPEATS = {2_000: 3, 20_000: 1}
+STORED = (375, 500)  # height, width of the JPEGs
+LABELS = 10
 MIB = 1024 * 1024
 # What a Python worker imports to probe and preprocess: its floor, whatever the data.
 BARE_WORKER = (
@@ -31,15 +33,16 @@ BARE_WORKER = (
 )
 
 
-def write_images(dest: Path, count: int) -> None:
-    """`count` distinct 28x28 PNG digits in <label>/ folders (a marker pixel keeps repeats distinct)."""
-    pixels, labels = load_digits()
-    for i in range(count):
-        image = pixels[i % len(pixels)].copy()
-        image[0, :3] = (i // len(pixels), i % 256, (i // 256) % 256)
-        folder = dest / str(labels[i % len(pixels)])
+def write_images(dest: Path, count: int) -> int:
+    """`count` distinct 500x375 JPEGs (the preprocess benchmark's photos) in <label>/ folders; their
+    bytes in all."""
+    total = 0
+    for i, data in enumerate(image_set(count, STORED)):
+        folder = dest / f"class{i % LABELS}"
         folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"img_{i:06d}.png"), image)
+        (folder / f"img_{i:06d}.jpg").write_bytes(data)
+        total += len(data)
+    return total
 
 
 def is_python_worker(proc: psutil.Process) -> bool:
@@ -105,13 +108,13 @@ def run(workdir: Path) -> str:
     bare = [
         int(subprocess.run([sys.executable, "-c", BARE_WORKER], capture_output=True, text=True,
                            check=True).stdout) / MIB
-        for _ in range(REPEATS)
+        for _ in range(3)
     ]
     results: dict[int, list[dict[str, float]]] = {}
     for size in SIZES:
         source = workdir / f"images_{size}"
-        write_images(source, size)
-        results[size] = [pipeline_peaks(workdir, source, f"{size}_{r}") for r in range(REPEATS)]
+        mean_kb = write_images(source, size) / size / 1000
+        results[size] = [pipeline_peaks(workdir, source, f"{size}_{r}") for r in range(REPEATS[size])]
         shutil.rmtree(source)
 
     def med(size: int, key: str) -> float:
@@ -131,7 +134,9 @@ def run(workdir: Path) -> str:
 Peak resident memory (MiB) of the processes of `imageiq ingest` then `imageiq preprocess`
 (separate CLI processes, `local[2]`, default batch sizes: Arrow batches of
 `spark.sql.execution.arrow.maxRecordsPerBatch` = 1,024 rows, `preprocess.batch_rows`),
-28x28 PNG digits, each run into a fresh lakehouse, median of {REPEATS} runs, sampled every 50 ms
+distinct 500x375 camera-like JPEGs ({mean_kb:.0f} KB each on average; the preprocess
+benchmark's photos) in {LABELS} label folders, each run into a fresh lakehouse, median of
+{REPEATS[small]} runs at {small:,} images and {REPEATS[large]} at {large:,}, sampled every 50 ms
 with psutil. "worker" is the largest single Python worker, "workers" all of them at once.
 
 {table(["run", "images", "worker peak", "workers peak", "JVM peak", "driver Python peak",

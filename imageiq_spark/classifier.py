@@ -17,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -199,15 +200,18 @@ def log_classifier(
     """
     directory = classifier.save(Path(staging_dir) / "classifier")
     package = Path(__file__).resolve().parent
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=ImagePipelineModel(),
-        artifacts={"classifier": str(directory)},
-        code_paths=[str(package)],
-        signature=SIGNATURE,
-        pip_requirements=_requirements(),
-        registered_model_name=registered_model_name,
-    )
+    with warnings.catch_warnings():
+        # Its advice to add the example we deliberately leave out would be the run's only warning.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImagePipelineModel(),
+            artifacts={"classifier": str(directory)},
+            code_paths=[str(package)],
+            signature=SIGNATURE,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_model_name,
+        )
 
 
 def load_classifier(model_uri: str) -> ImageClassifier:

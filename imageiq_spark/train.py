@@ -47,11 +47,17 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
 from pyspark import BarrierTaskContext  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
+
+from imageiq_spark.quiet import native_stderr_muted  # noqa: E402
+
+# A barrier task's Python worker imports this module first: TensorFlow's C++ start-up lines stay
+# out of the job's log there too (quiet.py).
+with native_stderr_muted():
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
 
 from imageiq_spark import champion, lakehouse, models, readers, storage  # noqa: E402
 from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
@@ -332,6 +338,8 @@ def barrier_fit(task: TrainTask):
         threads = max(1, (os.cpu_count() or 1) // task.workers)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+        with native_stderr_muted():  # the CUDA probe's lines, on machines without a GPU
+            tf.config.list_physical_devices()
         state, done = fit(task, rank)
         context.barrier()
         yield json.dumps({"rank": rank, "done": done, **state})

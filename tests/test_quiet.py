@@ -58,3 +58,21 @@ def test_verbose_brings_back_the_start_up_lines_of_the_python_workers(lake):
     assert embedded.returncode == 0, embedded.stderr[-3000:]
     assert "embed: done" in embedded.stderr
     assert any("absl::InitializeLog" in line for line in noise(embedded.stderr))
+
+
+@pytest.mark.slow  # a CLI run that trains on two barrier tasks; `make test-all`
+def test_distributed_training_workers_print_none_of_the_start_up_lines(spark, tmp_path):
+    from imageiq_spark import preprocess
+    from imageiq_spark.sample_data import write_sample_data
+
+    write_sample_data(tmp_path / "src", per_class=6)
+    config = make_config(tmp_path, ingest={"source": str(tmp_path / "src")},
+                         train={"epochs": 1, "batch_size": 8, "distributed": {"workers": 2}})
+    ingest.run(spark, config)
+    preprocess.run(spark, config)
+
+    trained = run_cli(write_conf(config, tmp_path / "conf.yaml"), "train", cwd=tmp_path)
+
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "train: done" in trained.stderr
+    assert noise(trained.stderr) == []
