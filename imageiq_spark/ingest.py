@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-import pandas as pd
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     IntegerType,
@@ -59,11 +59,19 @@ PROBE_FIELDS = [
     StructField("reason", StringType(), True),
     StructField("detail", StringType(), True),
 ]
+#: The probe's columns after image_id, and the Arrow type of each probe column.
+PROBE_COLUMNS = [f.name for f in PROBE_FIELDS[1:]]
+PROBE_TYPES = {f.name: pa.string() if isinstance(f.dataType, StringType) else pa.int32()
+               for f in PROBE_FIELDS}
 PROBED_SCHEMA = schema(
     "path STRING NOT NULL, modificationTime TIMESTAMP, length BIGINT NOT NULL, content BINARY, "
     "label STRING, image_id STRING, format STRING, width INT, height INT, channels INT, "
     "bit_depth INT, orientation INT, reason STRING, detail STRING"
 )
+
+
+#: `spark.sql.files.openCostInBytes` of the scan of a micro-batch's files.
+SCAN_OPEN_COST = 16 << 10
 
 
 @dataclass
@@ -108,33 +116,32 @@ def source_uri(source: str) -> str:
 
 
 def probe_partition(max_pixels: int, fault_inject: str = ""):
-    """A mapInPandas function: hash and probe each file's bytes; never decodes pixels."""
+    """A mapInArrow function: hash and probe each file's bytes; never decodes pixels.
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    The batch's own columns, the bytes among them, go back as the Arrow arrays that came in:
+    no per-row objects and no copy of the content in Python."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            records = []
-            for path, content in zip(batch["path"], batch["content"]):
+            found: dict[str, list[object]] = {f.name: [] for f in PROBE_FIELDS}
+            for path, content in zip(batch.column("path").to_pylist(), batch.column("content")):
                 faults.inject(path, fault_inject)
-                data = bytes(content)
-                record: dict[str, object] = {"image_id": hashlib.sha256(data).hexdigest()}
+                data = content.as_py()
+                found["image_id"].append(hashlib.sha256(data).hexdigest())
                 try:
                     info = probe(data, max_pixels)
-                    record.update(
-                        format=info.format,
-                        width=info.width,
-                        height=info.height,
-                        channels=info.channels,
-                        bit_depth=info.bit_depth,
-                        orientation=info.orientation,
-                    )
                 except ProbeError as exc:
-                    record.update(reason=exc.reason, detail=exc.detail)
-                records.append(record)
-            probed = pd.DataFrame.from_records(records, columns=[f.name for f in PROBE_FIELDS])
-            out = pd.concat([batch.reset_index(drop=True), probed], axis=1)
-            for column in ("width", "height", "channels", "bit_depth", "orientation"):
-                out[column] = out[column].astype("Int32")
-            yield out[PROBED_SCHEMA.names]
+                    values: tuple[object, ...] = (None,) * 6 + (exc.reason, exc.detail)
+                else:
+                    values = (info.format, info.width, info.height, info.channels, info.bit_depth,
+                              info.orientation, None, None)
+                for name, value in zip(PROBE_COLUMNS, values):
+                    found[name].append(value)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(name) for name in BATCH_SCHEMA.names]
+                + [pa.array(found[f.name], PROBE_TYPES[f.name]) for f in PROBE_FIELDS],
+                names=PROBED_SCHEMA.names,
+            )
 
     return run
 
@@ -195,7 +202,7 @@ def probed_files(files: DataFrame, config: Config, crashed: list[str] | None = N
     if crashed:
         small = small.filter(~F.col("path").isin(crashed))
     fault_inject = config.ingest.fault_inject_path_contains
-    probed = small.mapInPandas(probe_partition(config.ingest.max_pixels, fault_inject), PROBED_SCHEMA)
+    probed = small.mapInArrow(probe_partition(config.ingest.max_pixels, fault_inject), PROBED_SCHEMA)
     oversized = files.filter(F.col("length") > max_bytes).select(
         "path",
         "modificationTime",
@@ -223,12 +230,14 @@ def probed_files(files: DataFrame, config: Config, crashed: list[str] | None = N
 
 
 def image_rows(probed: DataFrame, ingested_at: F.Column) -> DataFrame:
-    """Good files -> `images` rows, one per distinct content (the first path wins)."""
-    first = Window.partitionBy("image_id").orderBy("path")
+    """Good files -> `images` rows, one per distinct content (the first path wins).
+
+    The first path is picked on (image_id, path) alone and broadcast back (a micro-batch holds
+    at most `ingest.files_per_batch` files): the image bytes are never shuffled."""
+    good = probed.filter(F.col("reason").isNull())
+    first = good.groupBy("image_id").agg(F.min("path").alias("path"))
     return (
-        probed.filter(F.col("reason").isNull())
-        .withColumn("_rank", F.row_number().over(first))
-        .filter("_rank = 1")
+        good.join(F.broadcast(first), ["image_id", "path"], "left_semi")
         .select(
             "image_id",
             "path",
@@ -396,14 +405,19 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         log.info("ingest batch %d: %d files, %d new images, %d quarantined", batch_id,
                  good + sum(counts.values()), inserted, sum(counts.values()))
 
-    query = (
-        stream.writeStream.foreachBatch(write_batch)
-        .option("checkpointLocation", checkpoint)
-        .trigger(availableNow=True)
-        .queryName("imageiq_ingest")
-        .start()
-    )
-    query.awaitTermination()
+    # At the session's 1 MB open cost per file, 3,000 JPEGs of 30 KB made 48 tasks, each paying a
+    # task's and an Arrow round trip's fixed cost; at 16 KB they pack by their bytes into a few
+    # tasks per core (still at most `maxPartitionBytes` each) and ingest runs 1.4x faster. The
+    # source plans each micro-batch's scan with this session's settings: they hold to the end.
+    with session_conf(spark, {"spark.sql.files.openCostInBytes": str(SCAN_OPEN_COST)}):
+        query = (
+            stream.writeStream.foreachBatch(write_batch)
+            .option("checkpointLocation", checkpoint)
+            .trigger(availableNow=True)
+            .queryName("imageiq_ingest")
+            .start()
+        )
+        query.awaitTermination()
     add_batch_reports(spark, reports, summary)
     if config.ingest.labels not in ("folder", "none"):
         ids = lakehouse.read_table(spark, config, "images").select("image_id", "path")
