@@ -51,30 +51,36 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def process_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) so far of this process's living descendants: the Spark JVM
-    (`java`) and every Python process (Spark's Python workers, multiprocessing pool workers)."""
+def process_cpu() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) so far of each of this process's living descendants, keyed by
+    (pid, start time), with its kind: `jvm` (the Spark JVM) or `python` (Spark's Python workers,
+    multiprocessing pool workers)."""
     import psutil
 
-    totals = {"jvm": 0.0, "python": 0.0}
+    found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
             kind = "jvm" if proc.name() == "java" else "python" if "python" in proc.name() else None
             if kind:
                 times = proc.cpu_times()
-                totals[kind] += times.user + times.system
+                found[(proc.pid, proc.create_time())] = (kind, times.user + times.system)
         except psutil.Error:
             continue
-    return totals
+    return found
 
 
 def cpu_used(action: Callable[[], Any], into: list[dict[str, float]]) -> Callable[[], None]:
-    """`action`, recording the CPU seconds each call costs the JVM and the Python processes."""
+    """`action`, recording the CPU seconds each call costs the JVM and the Python processes.
+
+    Per process: one that exits meanwhile (Spark retires idle Python workers) drops out of both
+    samples instead of taking its whole past off the sum; one started meanwhile counts in full."""
 
     def measured() -> None:
         before = process_cpu()
         action()
-        after = process_cpu()
-        into.append({kind: after[kind] - before[kind] for kind in after})
+        used = {"jvm": 0.0, "python": 0.0}
+        for key, (kind, seconds) in process_cpu().items():
+            used[kind] += seconds - before.get(key, (kind, 0.0))[1]
+        into.append(used)
 
     return measured

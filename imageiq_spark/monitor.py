@@ -174,7 +174,10 @@ class CountBatches:
     continuous: tuple[str, ...]
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        rows = pa.Table.from_batches(list(batches)).combine_chunks()
+        received = list(batches)
+        if not received:  # an empty partition sends no batch at all
+            return
+        rows = pa.Table.from_batches(received).combine_chunks()
         if rows.num_rows == 0:
             return
         # A side is one (source, window) of the partition: a handful of them.

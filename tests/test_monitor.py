@@ -229,6 +229,16 @@ def test_each_source_and_window_survive_their_integer_side_code(spark):
     assert [monitor.decode_side(code) for code in codes] == sides
 
 
+def test_partitions_without_rows_are_counted_as_nothing(spark):
+    rows = [("baseline", None, "a", 0.9), ("baseline", None, "b", 0.4)]
+    df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
+
+    counted = monitor.collect_sides([df.repartition(6)])  # four of the six partitions hold no row
+
+    assert counted.keys() == {("baseline", None)}
+    assert counted[("baseline", None)].categories["label"] == {"a": 1, "b": 1}
+
+
 def test_ks_statistic_equals_scipys(samples):
     base, window, *_, metrics = samples
     assert metrics["confidence_ks"] == pytest.approx(stats.ks_2samp(base, window).statistic, abs=1e-12)
