@@ -118,8 +118,8 @@ def source_uri(source: str) -> str:
 def probe_partition(max_pixels: int, fault_inject: str = ""):
     """A mapInArrow function: hash and probe each file's bytes; never decodes pixels.
 
-    The batch's own columns, the bytes among them, go back as the Arrow arrays that came in:
-    no per-row objects and no copy of the content in Python."""
+    The batch's own columns, the bytes among them, go back as the Arrow arrays that came in: no
+    pandas frames, and each file's bytes are copied once, to hash and probe them."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
