@@ -289,10 +289,15 @@ class ServeConfig(_Section):
     port: Annotated[int, _check("a TCP port 0..65535", lambda v: 0 <= v <= 65535)] = 8080
     #: Most images in one forward pass of the micro-batcher.
     max_batch_size: AtLeastOne = 32
-    #: Longest a forward pass waits for more images, in milliseconds: for requests still being
+    #: Longest an idle model waits for more images, in milliseconds: for requests still being
     #: decoded, and for as many images as were in the server at once in the last second (under a
-    #: concurrent load, the clients just answered). A request that arrives alone never waits.
+    #: concurrent load, the clients just answered). A request that arrives alone never waits, nor
+    #: does a batch while another forward pass is running.
     max_wait_ms: NonNegative = 20.0
+    #: Forward passes that run at once, the cores shared evenly between them (TensorFlow threads
+    #: each). null: one per core, which on a CPU beats one pass over all cores under load, since
+    #: no pass waits on a thread the HTTP work has preempted; set 1 on a GPU.
+    forward_workers: AtLeastOne | None = None
     #: Most images in one multipart or v2 infer request.
     max_images_per_request: AtLeastOne = 64
     #: Seconds between registry checks of the alias being served (a new version is loaded, then

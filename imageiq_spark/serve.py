@@ -9,9 +9,11 @@ label, confidence and top-k with score's `predictions_batch`, so online and batc
 - The Open Inference Protocol v2 (KServe, Triton): `/v2`, `/v2/health/live`, `/v2/health/ready`,
   `/v2/models/<name>[/versions/<v>]`, `.../ready` and `POST .../infer` with one `BYTES` input of
   encoded images (base64 strings in JSON, or raw with the binary tensor extension).
-- Micro-batching: requests are decoded in threads, then one asyncio queue feeds one forward pass
-  per gathered batch (at most `serve.max_batch_size` images; it waits up to `serve.max_wait_ms`
-  only for requests still being decoded, so a lone request goes straight through).
+- Micro-batching: requests are decoded in threads, then one asyncio queue feeds the forward
+  workers (`serve.forward_workers`, one per core by default, the cores shared between them); a
+  free worker takes what is queued, at most `serve.max_batch_size` images. Only when no other
+  pass is running does it wait, up to `serve.max_wait_ms`, for a fuller batch; a lone request
+  goes straight through.
 - Readiness is false until the model is loaded and warmed. With an alias URI the registry is
   polled; a new version is loaded and warmed beside the old one, then swapped in by one
   assignment: requests already decoded finish on the model they started with.
@@ -30,6 +32,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -86,6 +89,24 @@ class ServedModel:
     run_id: str
 
 
+def forward_workers(config: Config) -> int:
+    """Forward passes run at once: `serve.forward_workers`, else one per usable core."""
+    return config.serve.forward_workers or len(os.sched_getaffinity(0))
+
+
+def share_cores(workers: int) -> None:
+    """Before TensorFlow starts: each of `workers` concurrent forward passes gets an even share of
+    the cores. One pass over all cores stalls whenever the HTTP work preempts one of its threads."""
+    from imageiq_spark.quiet import import_quietly
+
+    tf = import_quietly("tensorflow")
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        tf.config.threading.set_inter_op_parallelism_threads(workers)
+    except RuntimeError:  # TensorFlow already ran in this process (a test): it keeps its threads
+        log.debug("TensorFlow threads already set")
+
+
 def load_model(config: Config, name: str, version: str, run_id: str) -> ServedModel:
     """Load a registry version and run it once on every path a request takes (decode, forward)."""
     import cv2
@@ -130,12 +151,16 @@ class _Job:
 
 
 class MicroBatcher:
-    """One queue, one forward pass per gathered batch, in one thread beside the event loop."""
+    """One queue; `workers` threads beside the event loop, each running one gathered batch."""
 
-    def __init__(self, max_batch: int, max_wait_s: float, observe: Callable[[int], None]) -> None:
+    def __init__(self, max_batch: int, max_wait_s: float, observe: Callable[[int], None],
+                 workers: int = 1) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.observe = observe
+        self.workers = workers
+        #: Forward passes running now: while one runs, a free worker takes what is queued at once.
+        self.running = 0
         #: Requests being decoded right now: the batch they will join is worth waiting for.
         self.decoding = 0
         #: Images inside the server (received, not yet answered), and the most of them seen at
@@ -145,7 +170,7 @@ class MicroBatcher:
         self._peak_second = 0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._held: _Job | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="imageiq-forward")
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="imageiq-forward")
 
     async def predict(self, model: ServedModel, tensors: np.ndarray) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
@@ -174,8 +199,13 @@ class MicroBatcher:
         return max(1, min(self.max_batch, recent))
 
     async def run(self) -> None:
+        free = asyncio.Semaphore(self.workers)
+        passes: set[asyncio.Task[None]] = set()  # referenced until done, as asyncio asks
         while True:
-            await self._forward(await self._gather())
+            await free.acquire()
+            batch = asyncio.create_task(self._forward(await self._gather()))
+            passes.add(batch)
+            batch.add_done_callback(lambda task: (passes.discard(task), free.release()))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
@@ -192,7 +222,7 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if (self.decoding == 0 and rows >= expected) or remaining <= 0:
+                if self.running or (self.decoding == 0 and rows >= expected) or remaining <= 0:
                     break
                 try:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
@@ -209,6 +239,7 @@ class MicroBatcher:
         model = jobs[0].model
         tensors = jobs[0].tensors if len(jobs) == 1 else np.concatenate([j.tensors for j in jobs])
         self.observe(len(tensors))
+        self.running += 1
         try:
             probs = await asyncio.get_running_loop().run_in_executor(
                 self._executor, model.classifier.predict_tensors, tensors)
@@ -218,6 +249,8 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
+        finally:
+            self.running -= 1
         start = 0
         for job in jobs:
             end = start + len(job.tensors)
@@ -327,7 +360,7 @@ class Server:
         self.metrics = Metrics()
         serve = config.serve
         self.batcher = MicroBatcher(serve.max_batch_size, serve.max_wait_ms / 1000,
-                                    self.metrics.batch_size.observe)
+                                    self.metrics.batch_size.observe, forward_workers(config))
         self.request_log = (RequestLog(lake_path(config, "request_log")) if serve.request_log
                             else None)
         self.failed: BaseException | None = None
@@ -692,6 +725,7 @@ def run(config: Config, model_uri: str | None = None, host: str | None = None,
 
     uri = model_uri or tracking.default_model_uri(config)
     tracking.resolve_model(config, uri)  # a URI that is not in the registry is a usage error (2)
+    share_cores(forward_workers(config))
     holder: dict[str, Any] = {}
     app, server = create_app(config, uri, on_failure=lambda: setattr(holder["server"], "should_exit", True))
     holder["server"] = uvicorn.Server(uvicorn.Config(

@@ -457,10 +457,12 @@ def test_concurrent_requests_share_forward_passes_of_bounded_size(url, images):
     assert metric(url, "imageiq_serve_batch_size_bucket", le="8.0") - within == passes
 
 
-def gathered(recent_images: int, queued: int, arriving_after_s: float | None = None) -> tuple[int, float]:
-    """(images in the batch a MicroBatcher (at most 8 images, 0.5 s wait) gathers, seconds it took),
-    after `recent_images` were in the server at once, with `queued` one-image jobs waiting and, if
-    given, as many again arriving after `arriving_after_s`."""
+def gathered(recent_images: int, queued: int, arriving_after_s: float | None = None,
+             running: int = 0) -> tuple[int, float]:
+    """(images in the batch a MicroBatcher (at most 8 images, 0.5 s wait, two workers) gathers,
+    seconds it took), after `recent_images` were in the server at once, with `queued` one-image jobs
+    waiting, `running` forward passes under way and, if given, as many jobs again arriving after
+    `arriving_after_s`."""
     import asyncio
 
     from imageiq_spark.serve import MicroBatcher, _Job
@@ -468,7 +470,8 @@ def gathered(recent_images: int, queued: int, arriving_after_s: float | None = N
     model = object()
 
     async def scenario() -> tuple[int, float]:
-        batcher = MicroBatcher(max_batch=8, max_wait_s=0.5, observe=lambda n: None)
+        batcher = MicroBatcher(max_batch=8, max_wait_s=0.5, observe=lambda n: None, workers=2)
+        batcher.running = running
         batcher.entered(recent_images)
         batcher.left(recent_images - queued)
         loop = asyncio.get_running_loop()
@@ -493,6 +496,11 @@ def test_a_lone_request_is_forwarded_without_waiting():
 def test_under_concurrent_load_a_batch_waits_for_the_answered_clients_to_come_back():
     size, waited = gathered(recent_images=8, queued=4, arriving_after_s=0.05)
     assert size == 8 and 0.04 < waited < 0.4
+
+
+def test_while_another_forward_pass_runs_a_free_worker_takes_the_queued_requests_at_once():
+    size, waited = gathered(recent_images=8, queued=4, arriving_after_s=0.05, running=1)
+    assert size == 4 and waited < 0.04
 
 
 def test_the_wait_for_a_fuller_batch_is_bounded_by_max_wait():
