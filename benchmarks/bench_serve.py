@@ -216,6 +216,9 @@ def run_case(workdir: Path, blobs: list[bytes], arch: str, side: int) -> tuple[d
         "mlflow": ([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}/{version}",
                     "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"], "/ping"),
     }
+    # The machine's speed drifts over minutes (shared host): the bare rates are measured before and
+    # after the servers' runs, and their means taken.
+    before = bare_rates(f"models:/{name}/{version}", blobs)
     results: dict[tuple[str, int], dict] = {}
     for kind, (command, ready) in servers.items():
         port = free_port()
@@ -229,7 +232,8 @@ def run_case(workdir: Path, blobs: list[bytes], arch: str, side: int) -> tuple[d
                 results[kind, concurrency] = generate_load(url, kind, workdir / "jpegs", concurrency, SECONDS)
         finally:
             stop(process)
-    return (results, *bare_rates(f"models:/{name}/{version}", blobs))
+    after = bare_rates(f"models:/{name}/{version}", blobs)
+    return (results, *(float(np.mean(pair)) for pair in zip(before, after)))
 
 
 def run(workdir: Path) -> str:
@@ -257,7 +261,8 @@ def run(workdir: Path) -> str:
         "",
         f"Models of the zoo with random weights, {IMAGES} JPEGs of {SIDE}x{SIDE}, one image per request, "
         f"{SECONDS:.0f} s per row after a warm-up; the load generator (aiohttp, a second process) "
-        "shares the cores with the server. Bare rows run in one process with nothing else going on. "
+        "shares the cores with the server. Bare rows run in one process with nothing else going on, "
+        "before and after the servers (mean of the two). "
         "Ratio = images/s over the bare forward pass on prepared tensors (the machine's ceiling). "
         "Target: at concurrency 32, >= 0.8x that ceiling and ahead of `mlflow models serve`.",
         "",

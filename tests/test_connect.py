@@ -39,6 +39,7 @@ def imageiq_over_connect(tmp_path: Path, settings: dict[str, object], *command: 
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # `make test-all`: 2.5 minutes, over the budget of `make test`
 def test_run_all_over_spark_connect_fills_every_table_as_a_classic_run_does(spark, tmp_path: Path):
     source = tmp_path / "images"
     write_sample_data(source, per_class=4)
