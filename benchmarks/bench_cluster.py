@@ -23,7 +23,7 @@ from imageiq_spark.sample_data import write_sample_data
 from imageiq_spark.session import local_cluster_home
 
 IMAGES_PER_CLASS = 6  # 60 digits: the data set of tests/test_cluster.py
-REPEATS = 2
+REPEATS = int(os.environ.get("BENCH_CLUSTER_REPEATS", "2"))  # each repeat is ~20 minutes here
 BUCKET = "imageiq-bench"
 KEY, SECRET, REGION = "AKIDBENCH", "bench-secret", "us-east-1"
 LOCAL_CLUSTER = "local-cluster[2,1,1024]"

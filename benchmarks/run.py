@@ -93,11 +93,12 @@ def mark_staleness(name: str, section: str) -> str:
 
 
 def commit() -> str:
-    """The commit measured, `+dirty` when the working tree differs from it."""
+    """The commit measured, `+dirty` when the working tree differs from it (this run's own output,
+    docs/benchmarks.md, aside: it changes after each section)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{DOC.relative_to(ROOT)}")
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
