@@ -8,7 +8,11 @@ Bare rows run in this process with nothing else going on: the forward pass alone
 tensors (the machine's ceiling), and JPEG bytes -> decode, preprocess, forward in batches.
 The model has random weights: only speed is measured.
 
+A third server bounds what HTTP alone allows: the same FastAPI + uvicorn stack answering a fixed
+prediction to each POST, with no decode and no model, under the same load generator.
+
     python -m benchmarks.bench_serve load URL KIND FILES_DIR CONCURRENCY SECONDS   # the load generator
+    python -m benchmarks.bench_serve http-alone PORT                                # the HTTP bound
 """
 
 from __future__ import annotations
@@ -164,6 +168,41 @@ async def _load(url: str, kind: str, blobs: list[bytes], concurrency: int, secon
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
+def http_alone_main(port: str) -> None:
+    """FastAPI + uvicorn as `imageiq serve` runs them, answering every POST /predict with one fixed
+    prediction after reading its body: what one-image requests cost without decode or model."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+    answer = {"predicted_label": "0", "confidence": 0.5, "top_k": [{"label": "0", "probability": 0.5}],
+              "image_id": "0" * 64, "model_name": "none", "model_version": "0"}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        await request.body()
+        return answer
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        return {}
+
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
+
+
+def http_alone(workdir: Path, concurrency: int) -> dict:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_serve", "http-alone", str(port)],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                               stderr=(workdir / "http-alone.log").open("wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + "/ready", process)
+        return generate_load(url, "imageiq", workdir / "jpegs", concurrency, SECONDS)
+    finally:
+        stop(process)
+
+
 def load_main(argv: list[str]) -> int:
     url, kind, folder, concurrency, seconds = argv
     blobs = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
@@ -240,6 +279,7 @@ def run(workdir: Path) -> str:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     blobs = write_jpegs(workdir / "jpegs", IMAGES)
+    bound = http_alone(workdir, max(CONCURRENCY))
     rows, notes = [], []
     for arch, side in CASES:
         results, forward_rate, bytes_rate = run_case(workdir, blobs, arch, side)
@@ -254,8 +294,9 @@ def run(workdir: Path) -> str:
                          round(r["p99_ms"], 1), r["errors"], r["images_per_s"] / forward_rate])
         ours, theirs = results["imageiq", 32]["images_per_s"], results["mlflow", 32]["images_per_s"]
         notes.append(f"- {label}: at concurrency 32 `imageiq serve` answered {ours / theirs:.1f}x the "
-                     f"images/s of `mlflow models serve`, {ours / forward_rate:.2f}x the bare forward pass "
-                     f"and {ours / bytes_rate:.2f}x bare bytes -> predictions.")
+                     f"images/s of `mlflow models serve`, {ours / forward_rate:.2f}x the bare forward pass, "
+                     f"{ours / bytes_rate:.2f}x bare bytes -> predictions and "
+                     f"{ours / bound['images_per_s']:.2f}x HTTP alone.")
     return "\n".join([
         "## Serve",
         "",
@@ -269,6 +310,10 @@ def run(workdir: Path) -> str:
         table(["model", "path", "concurrency", "images/s", "p50 ms", "p99 ms", "errors",
                "ratio to bare forward"], rows),
         "",
+        f"- HTTP alone (FastAPI + uvicorn answering a fixed prediction, no decode, no model) at "
+        f"concurrency {max(CONCURRENCY)}: {bound['images_per_s']:.0f} requests/s, "
+        f"p50 {bound['p50_ms']:.1f} ms, p99 {bound['p99_ms']:.1f} ms: the most one-image requests this "
+        "stack answers here beside its load generator, whatever the model.",
         *notes,
     ])
 
@@ -276,4 +321,6 @@ def run(workdir: Path) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
         sys.exit(load_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["http-alone"]:
+        sys.exit(http_alone_main(sys.argv[2]))
     print(run(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/out/serve")))
