@@ -33,6 +33,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+from fastapi import Request  # noqa: E402  (a module-level name: FastAPI resolves the route's annotation)
 
 from benchmarks.common import bench_config, median, table, timed  # noqa: E402
 
@@ -172,7 +173,7 @@ def http_alone_main(port: str) -> None:
     """FastAPI + uvicorn as `imageiq serve` runs them, answering every POST /predict with one fixed
     prediction after reading its body: what one-image requests cost without decode or model."""
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
 
     app = FastAPI()
     answer = {"predicted_label": "0", "confidence": 0.5, "top_k": [{"label": "0", "probability": 0.5}],
