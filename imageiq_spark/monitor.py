@@ -174,12 +174,10 @@ class CountBatches:
     continuous: tuple[str, ...]
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        received = list(batches)
-        if not received:  # an empty partition sends no batch at all
+        received = [batch for batch in batches if batch.num_rows]
+        if not received:  # an empty partition sends no batch, or only empty ones
             return
         rows = pa.Table.from_batches(received).combine_chunks()
-        if rows.num_rows == 0:
-            return
         # A side is one (source, window) of the partition: a handful of them.
         side_keys, side_of_row = np.unique(rows["side"].chunk(0).to_numpy(), return_inverse=True)
         side_of_row = side_of_row.reshape(-1)
