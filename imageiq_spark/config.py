@@ -295,9 +295,9 @@ class ServeConfig(_Section):
     #: does a batch while another forward pass is running.
     max_wait_ms: NonNegative = 20.0
     #: Forward passes that run at once, the cores shared evenly between them (TensorFlow threads
-    #: each). null: one per core, which on a CPU beats one pass over all cores under load, since
-    #: no pass waits on a thread the HTTP work has preempted; set 1 on a GPU.
-    forward_workers: AtLeastOne | None = None
+    #: each). One pass over all cores answered more images/s than one pass per core on 2 cores at
+    #: concurrency 8 and 32 (docs/benchmarks.md); more workers may pay on a many-core machine.
+    forward_workers: AtLeastOne = 1
     #: Most images in one multipart or v2 infer request.
     max_images_per_request: AtLeastOne = 64
     #: Seconds between registry checks of the alias being served (a new version is loaded, then

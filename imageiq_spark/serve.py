@@ -10,7 +10,7 @@ label, confidence and top-k with score's `predictions_batch`, so online and batc
   `/v2/models/<name>[/versions/<v>]`, `.../ready` and `POST .../infer` with one `BYTES` input of
   encoded images (base64 strings in JSON, or raw with the binary tensor extension).
 - Micro-batching: requests are decoded in threads, then one asyncio queue feeds the forward
-  workers (`serve.forward_workers`, one per core by default, the cores shared between them); a
+  workers (`serve.forward_workers`, one by default, the cores shared between them); a
   free worker takes what is queued, at most `serve.max_batch_size` images. Only when no other
   pass is running does it wait, up to `serve.max_wait_ms`, for a fuller batch; a lone request
   goes straight through.
@@ -89,14 +89,9 @@ class ServedModel:
     run_id: str
 
 
-def forward_workers(config: Config) -> int:
-    """Forward passes run at once: `serve.forward_workers`, else one per usable core."""
-    return config.serve.forward_workers or len(os.sched_getaffinity(0))
-
-
 def share_cores(workers: int) -> None:
     """Before TensorFlow starts: each of `workers` concurrent forward passes gets an even share of
-    the cores. One pass over all cores stalls whenever the HTTP work preempts one of its threads."""
+    the cores (intra-op threads) and runs its ops one after another (one inter-op thread each)."""
     from imageiq_spark.quiet import import_quietly
 
     tf = import_quietly("tensorflow")
@@ -360,7 +355,7 @@ class Server:
         self.metrics = Metrics()
         serve = config.serve
         self.batcher = MicroBatcher(serve.max_batch_size, serve.max_wait_ms / 1000,
-                                    self.metrics.batch_size.observe, forward_workers(config))
+                                    self.metrics.batch_size.observe, serve.forward_workers)
         self.request_log = (RequestLog(lake_path(config, "request_log")) if serve.request_log
                             else None)
         self.failed: BaseException | None = None
@@ -725,7 +720,7 @@ def run(config: Config, model_uri: str | None = None, host: str | None = None,
 
     uri = model_uri or tracking.default_model_uri(config)
     tracking.resolve_model(config, uri)  # a URI that is not in the registry is a usage error (2)
-    share_cores(forward_workers(config))
+    share_cores(config.serve.forward_workers)
     holder: dict[str, Any] = {}
     app, server = create_app(config, uri, on_failure=lambda: setattr(holder["server"], "should_exit", True))
     holder["server"] = uvicorn.Server(uvicorn.Config(
