@@ -24,12 +24,14 @@ from delta.exceptions import (
     MetadataChangedException,
     ProtocolChangedException,
 )
+from pyarrow import fs
 from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
+from imageiq_spark import storage
 from imageiq_spark.config import Config, ConfigError
-from imageiq_spark.session import storage_uri
+from imageiq_spark.session import is_connect, storage_uri
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +234,31 @@ def table_exists(spark: SparkSession, config: Config, table: str) -> bool:
 
 
 def is_delta_table(spark: SparkSession, location: str) -> bool:
-    """Whether `location` holds a Delta table. SQL rather than Delta's Python `DeltaTable`, which
-    Spark Connect serves only with Delta's Connect plugin on the server."""
+    """Whether `location` holds a Delta table: a commit or a checkpoint in its `_delta_log`.
+
+    Listed with the driver's file system (a millisecond) where it reaches the lake; a Spark Connect
+    client may not, nor a file system pyarrow lacks: those ask the server with SQL (~80 ms, and
+    a stage asks about each of its tables a few times per run). SQL rather than Delta's Python
+    `DeltaTable`, which Spark Connect serves only with Delta's Connect plugin on the server."""
+    if not is_connect(spark):
+        try:
+            return has_delta_log(location)
+        except (OSError, ValueError) as exc:  # pyarrow's errors: no such file system, no access
+            log.debug("listing %s/_delta_log failed (%s): asking Spark", location, exc)
     try:
         detail = spark.sql(f"DESCRIBE DETAIL delta.`{location}`").select("format").first()
     except AnalysisException:
         return False
     return detail is not None and detail["format"] == "delta"
+
+
+def has_delta_log(location: str) -> bool:
+    """A commit (`NNN.json`) or checkpoint in `location`/_delta_log, as Delta finds a table; a
+    hidden file is a commit still being written."""
+    filesystem, path = storage.filesystem(location)
+    listing = filesystem.get_file_info(fs.FileSelector(f"{path}/_delta_log", allow_not_found=True))
+    return any((entry.base_name.endswith(".json") or ".checkpoint." in entry.base_name)
+               and not entry.base_name.startswith(".") for entry in listing)
 
 
 def history(spark: SparkSession, location: str, limit: int | None = None) -> DataFrame:
