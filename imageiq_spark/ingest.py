@@ -317,8 +317,15 @@ BATCH_REPORT_SCHEMA = ("files_seen int, new_images int, duplicates int, relabell
 
 
 def add_batch_reports(spark: SparkSession, reports: str, summary: IngestSummary) -> None:
-    """Add the micro-batches' counts to `summary`, then delete them."""
-    for row in spark.read.schema(BATCH_REPORT_SCHEMA).parquet(reports).collect():
+    """Add the micro-batches' counts to `summary`, then delete them; a run that found no new
+    file had no batch and wrote none."""
+    try:
+        rows = spark.read.schema(BATCH_REPORT_SCHEMA).parquet(reports).collect()
+    except AnalysisException as exc:
+        if lakehouse.error_condition(exc) != "PATH_NOT_FOUND":
+            raise
+        return
+    for row in rows:
         summary.files_seen += row["files_seen"]
         summary.new_images += row["new_images"]
         summary.duplicates += row["duplicates"]
@@ -354,8 +361,6 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
     # Each micro-batch appends its counts here: under Spark Connect foreachBatch runs in a Python
     # process of the server, so what it sees comes back as data, not through this closure.
     reports = lakehouse.lake_path(config, "staging", "ingest_reports", uuid.uuid4().hex)
-    # Started empty: a run that finds no new file has no batch.
-    spark.createDataFrame([], BATCH_REPORT_SCHEMA).write.parquet(reports)
 
     def write_batch(files: DataFrame, batch_id: int) -> None:
         # Files that kill a Python worker are quarantined unprobed by the rerun (`probed_files`).

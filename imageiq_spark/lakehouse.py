@@ -94,8 +94,16 @@ def is_conflict(exc: BaseException) -> bool:
     """Whether `exc` is a Delta commit that lost to a concurrent writer (classic or Connect)."""
     if isinstance(exc, CONFLICTS):
         return True
-    condition = exc.getCondition() if isinstance(exc, PySparkException) else None
+    condition = error_condition(exc)
     return bool(condition) and condition.split(".")[0] in CONFLICT_CONDITIONS
+
+
+def error_condition(exc: BaseException) -> str | None:
+    """Spark's error condition (`PATH_NOT_FOUND`, ...): `getCondition` from Spark 4, before it
+    `getErrorClass`."""
+    if not isinstance(exc, PySparkException):
+        return None
+    return exc.getCondition() if hasattr(exc, "getCondition") else exc.getErrorClass()
 
 
 def with_conflict_retry(action: Callable[[], T], what: str, attempts: int = 5) -> T:
