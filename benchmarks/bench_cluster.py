@@ -138,9 +138,10 @@ def run(workdir: Path) -> str:
         medians = [median([r.get(stage, float("nan")) for r in results[name]]) for name in names]
         rows.append([stage, *medians, *(m / medians[0] for m in medians[1:])])
     n = 10 * IMAGES_PER_CLASS
+    runs = f"median of {REPEATS} runs" if REPEATS > 1 else "one run per topology"
     return (
         f"## Cluster topology: `run-all` on {n} images\n\n"
-        f"Seconds per stage (median of {REPEATS} runs, each on a fresh lake), and the ratio to the local "
+        f"Seconds per stage ({runs}, each on a fresh lake), and the ratio to the local "
         "default. `train` is 2 epochs of the small CNN with `train.reader: arrow`.\n\n"
         + table(["stage", *(f"{name} (s)" for name in names), "S3 + server / local",
                  "cluster + S3 + server / local"], rows) + "\n"
