@@ -164,14 +164,33 @@ def cached_model(loader: ModelLoader, threads: int) -> Predictor:
         return model
 
 
+def top_classes(probs: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class indices, float64 probabilities), each (n, k), most probable first; ties keep class
+    order. The one ranking batch and online predictions share."""
+    k = max(1, min(top_k, probs.shape[1]))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(probs, top, axis=1).astype(np.float64)
+
+
+def prediction_rows(probs: np.ndarray, labels: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Plain rows (predicted_label, confidence, top_k) for a few images: what Arrow would build,
+    without its per-call overhead, for a server answering one request at a time."""
+    top, top_p = top_classes(probs, top_k)
+    rows = []
+    for indices, probabilities in zip(top.tolist(), top_p.tolist()):
+        ranked = [{"label": labels[i], "probability": p} for i, p in zip(indices, probabilities)]
+        rows.append({"predicted_label": ranked[0]["label"], "confidence": ranked[0]["probability"],
+                     "top_k": ranked})
+    return rows
+
+
 def predictions_batch(
     image_ids: pa.Array, probs: np.ndarray, labels: list[str], top_k: int
 ) -> pa.RecordBatch:
     """Arrow rows of predictions built column-wise: the label, its probability and the top k."""
     n = len(probs)
-    k = max(1, min(top_k, len(labels)))
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_p = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    top, top_p = top_classes(probs, top_k)
+    k = top.shape[1]
     vocabulary = pa.array(labels, pa.string())
     flat_labels = vocabulary.take(pa.array(top.reshape(-1)))
     entries = pa.StructArray.from_arrays(

@@ -2,7 +2,7 @@
 
 The server loads the very object batch scoring uses (`classifier.load_classifier`), prepares raw
 bytes with the same `transform.prepare_batch` and the model's own `TransformSpec`, and builds
-label, confidence and top-k with score's `predictions_batch`, so online and batch answers agree.
+label, confidence and top-k with score's `top_classes` ranking, so online and batch answers agree.
 
 - `POST /predict`: a raw image body (`image/*`, `application/octet-stream`) or
   `multipart/form-data` with one or more files; `GET /` the upload page.
@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException
 from imageiq_spark import probe, tracking, transform
 from imageiq_spark.config import Config
 from imageiq_spark.lakehouse import lake_path
-from imageiq_spark.score import predictions_batch
+from imageiq_spark.score import prediction_rows
 
 if TYPE_CHECKING:
     from imageiq_spark.classifier import ImageClassifier
@@ -434,12 +434,10 @@ class Server:
             probs = await self._forward(model, contents)
         finally:
             self.batcher.left(len(contents))
-        ids = [hashlib.sha256(data).hexdigest() for data in contents]
-        rows = predictions_batch(pa.array(ids, pa.string()), probs, model.classifier.labels,
-                                 self.config.score.top_k).to_pylist()
-        for row in rows:
-            del row["error"], row["error_detail"]
-            row.update(model_name=model.name, model_version=model.version)
+        rows = [{"image_id": hashlib.sha256(data).hexdigest(), **row,
+                 "model_name": model.name, "model_version": model.version}
+                for data, row in zip(contents, prediction_rows(probs, model.classifier.labels,
+                                                               self.config.score.top_k))]
         self.metrics.images.labels("ok").inc(len(rows))
         if self.request_log is not None:
             now = datetime.datetime.now(datetime.timezone.utc)

@@ -340,3 +340,18 @@ def test_a_model_from_an_older_transform_revision_loads_with_a_warning(tmp_path,
     loaded = ImageClassifier.load(saved)
     assert loaded.labels == LABELS
     assert f"transform revision 1; this code prepares revision {transform.ALGORITHM_REVISION}" in caplog.text
+
+
+def test_online_rows_rank_classes_as_the_prediction_table_does():
+    # Ties (0.3, 0.3) keep class order in both; the serving rows are the table's rows minus
+    # the id and error columns.
+    probs = np.array([[0.1, 0.3, 0.3, 0.2, 0.1], [0.05, 0.05, 0.1, 0.0, 0.8]], np.float32)
+    labels = ["cat", "dog", "fox", "owl", "yak"]
+    table_rows = score.predictions_batch(score.pa.array(["a", "b"]), probs, labels, 3).to_pylist()
+
+    online = score.prediction_rows(probs, labels, 3)
+
+    assert online == [{key: row[key] for key in ("predicted_label", "confidence", "top_k")}
+                      for row in table_rows]
+    assert [r["label"] for r in online[0]["top_k"]] == ["dog", "fox", "owl"]
+    assert online[1]["confidence"] == pytest.approx(0.8)
