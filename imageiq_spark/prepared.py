@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -148,11 +149,13 @@ def count_table(
 
 
 def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
-                   prepared_version: int) -> tuple[DataFrame, int]:
+                   prepared_version: int) -> tuple[DataFrame, DataFrame, int]:
     """Rows of `images` not prepared at the spec's version (as of the table's `prepared_version`)
-    and not quarantined by this stage at that version, and how many there are.
+    and not quarantined by this stage at that version, their ids, and how many there are.
 
-    The anti-joins run on ids only; the image bytes are then picked out without a shuffle.
+    The anti-joins run on ids only, once: the ids are cached (a run reads them for the count,
+    the splits, the spread and the append; each read ran the anti-joins over three tables again),
+    so the caller unpersists them when done. The image bytes are then picked out without a shuffle.
     """
     images = lakehouse.read_table(spark, config, "images")
     done = (
@@ -171,11 +174,12 @@ def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
     pending = (
         images.select("image_id").join(done, "image_id", "left_anti").join(failed, "image_id", "left_anti")
     )
-    count = pending.count()
+    ids = pending.persist(StorageLevel.MEMORY_AND_DISK)
+    count = ids.count()
     if count == 0 or count == images.count():
-        return images, count
-    ids = F.broadcast(pending) if count <= BROADCAST_IDS else pending
-    return images.join(ids, "image_id", "left_semi"), count
+        return images, ids, count
+    picked = F.broadcast(ids) if count <= BROADCAST_IDS else ids
+    return images.join(picked, "image_id", "left_semi"), ids, count
 
 
 def latest_version(spark: SparkSession, config: Config, table: str) -> int:

@@ -98,19 +98,20 @@ def append_prepared(
     config: Config,
     spec: TransformSpec,
     todo: DataFrame,
+    ids: DataFrame,
     report: ReportSink,
     start_version: int,
     prepared_at: datetime.datetime,
     tag: str,
 ) -> int | None:
-    """Transform `todo` and append the tensors to `prepared` in one pass; returns the rows
-    written, or None when Delta skipped the append because another run moved on from
-    `start_version` first. What the UDF saw goes to the `report` sink."""
+    """Transform `todo` (whose image ids `ids` holds) and append the tensors to `prepared` in one
+    pass; returns the rows written, or None when Delta skipped the append because another run
+    moved on from `start_version` first. What the UDF saw goes to the `report` sink."""
     from imageiq_spark import splits
 
     labels = {r["label"] for r in todo.select("label").distinct().collect() if r["label"] is not None}
     update_vocabulary(spark, config, labels)
-    stored_splits = splits.assign(spark, config, todo.select("image_id"))
+    stored_splits = splits.assign(spark, config, ids)
     outcome = transform_images(todo, spec, config, report, stored_splits)
     rows = prepared_rows(outcome.filter(F.col("reason").isNull()),
                          lakehouse.read_table(spark, config, LABELS_TABLE), spec, F.lit(prepared_at))
@@ -133,6 +134,7 @@ def prepare_pending(
     config: Config,
     spec: TransformSpec,
     todo: DataFrame,
+    ids: DataFrame,
     start_version: int,
     prepared_at: datetime.datetime,
     tag: str,
@@ -144,7 +146,8 @@ def prepare_pending(
         reports = ReportFiles(lakehouse.lake_path(config, "staging", "preprocess_reports", uuid.uuid4().hex))
         rows = faults.restrict(todo, "image_id", crashed, keep=False) if crashed else todo
         try:
-            written = append_prepared(spark, config, spec, rows, reports, start_version, prepared_at, tag)
+            written = append_prepared(spark, config, spec, rows, ids, reports, start_version, prepared_at,
+                                      tag)
         finally:
             report = reports.take()
         return written, report
@@ -188,12 +191,12 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     report = RunReport()
     for attempt in range(1, ATTEMPTS + 1):
         start_version = latest_version(spark, config, "prepared")
-        todo, pending = pending_images(spark, config, spec, start_version)
-        if not pending:
-            break
-        log.info("preprocess: %d images to prepare at version %s", pending, spec.version)
+        todo, ids, pending = pending_images(spark, config, spec, start_version)
         try:
-            written, attempt_report = prepare_pending(spark, config, spec, todo, start_version,
+            if not pending:
+                break
+            log.info("preprocess: %d images to prepare at version %s", pending, spec.version)
+            written, attempt_report = prepare_pending(spark, config, spec, todo, ids, start_version,
                                                       prepared_at, tag)
         except PySparkException as exc:
             if not lakehouse.is_conflict(exc):
@@ -201,6 +204,8 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
             written, lost = None, type(exc).__name__
         else:
             lost = "it prepared these images first"
+        finally:
+            ids.unpersist()
         if written is None:
             log.warning("preprocess: a concurrent run committed first (%s); attempt %d of %d",
                         lost, attempt, ATTEMPTS)
