@@ -3,12 +3,14 @@
 Each `benchmarks/bench_<name>.py` exposes `run(workdir: Path) -> str`, a Markdown section that
 measures its stage against the bare baseline in the same run. `python -m benchmarks.run ingest score`
 runs only those; the sections not run keep their last text in docs/benchmarks.md, marked stale when
-the code they measured (`imageiq_spark/`, their own bench module) differs from the code
-fingerprint stamped on them.
+the code they measured differs from the code fingerprint stamped on them: their bench module and
+every module of this checkout it imports, directly or through others (the whole CLI where it runs
+the `imageiq` command), so a change to one stage leaves the other stages' sections standing.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import os
@@ -68,8 +70,56 @@ def main(names: list[str]) -> int:
 STALE = "**Stale:** "
 
 
+PACKAGE = "imageiq_spark"
+
+
+def module_file(module: str) -> Path | None:
+    """The file of one of this checkout's modules (`imageiq_spark.*`, `benchmarks.*`), else None."""
+    parts = module.split(".")
+    if parts[0] not in (PACKAGE, "benchmarks"):
+        return None
+    path = ROOT.joinpath(*parts)
+    return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.is_file()), None)
+
+
+def runs_cli(node: ast.AST) -> bool:
+    """`python -m imageiq_spark ...` or the `imageiq` script (`BIN / "imageiq"`) in a command line."""
+    if isinstance(node, ast.Constant):
+        return node.value == PACKAGE
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Constant) and node.right.value == "imageiq")
+
+
+def imported_files(path: Path) -> set[Path]:
+    """This checkout's modules that a file imports anywhere (lazy imports in functions too); the
+    whole package when it runs the CLI in a subprocess (the CLI imports each stage by its name)."""
+    modules: set[str] = set()
+    files: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif runs_cli(node):
+            files.update((ROOT / PACKAGE).rglob("*.py"))
+    return files | {f for f in map(module_file, modules) if f is not None}
+
+
 def measured_files(name: str) -> list[Path]:
-    return sorted((ROOT / "imageiq_spark").rglob("*.py")) + [ROOT / "benchmarks" / f"bench_{name}.py"]
+    """The files a section's figures depend on: its bench module, what it imports transitively, the
+    package's `__init__` and its data files (the upload page)."""
+    package = ROOT / PACKAGE
+    seen: set[Path] = set()
+    todo = [ROOT / "benchmarks" / f"bench_{name}.py", package / "__init__.py"]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += imported_files(path)
+    data = {f for f in package.rglob("*") if f.is_file() and f.suffix not in (".py", ".pyc")
+            and "__pycache__" not in f.parts}
+    return sorted(seen | data)
 
 
 def code_fingerprint(name: str) -> str:
@@ -87,8 +137,9 @@ def mark_staleness(name: str, section: str) -> str:
     if stamped and stamped.group(1) == code_fingerprint(name):
         return section
     heading, _, rest = section.partition("\n")
-    return (f"{heading}\n\n{STALE}`imageiq_spark/` or `benchmarks/bench_{name}.py` changed since this ran "
-            f"(code fingerprint {stamped.group(1) if stamped else 'unknown'}); rerun "
+    stamp = stamped.group(1) if stamped else "unknown"
+    return (f"{heading}\n\n{STALE}the code it measured (`benchmarks/bench_{name}.py` and the modules it "
+            f"imports) changed since this ran (code fingerprint {stamp}); rerun "
             f"`python -m benchmarks.run {name}`.\n{rest}")
 
 

@@ -25,8 +25,8 @@ def test_a_section_of_other_code_gets_one_stale_line_under_its_heading():
 
     assert marked.split("\n")[:4] == [
         "## Score", "",
-        "**Stale:** `imageiq_spark/` or `benchmarks/bench_score.py` changed since this ran (code fingerprint "
-        "0123456789ab); rerun `python -m benchmarks.run score`.", ""]
+        "**Stale:** the code it measured (`benchmarks/bench_score.py` and the modules it imports) changed "
+        "since this ran (code fingerprint 0123456789ab); rerun `python -m benchmarks.run score`.", ""]
     assert run.mark_staleness("score", marked) == marked
 
 
@@ -35,3 +35,22 @@ def test_a_stale_section_rerun_on_the_current_code_loses_its_stale_line():
     rerun = marked.replace("0123456789ab", run.code_fingerprint("score"))
 
     assert run.mark_staleness("score", rerun) == SECTION.format(code=run.code_fingerprint("score"))
+
+
+def names(files: list[Path]) -> set[str]:
+    return {str(f.relative_to(run.ROOT)) for f in files}
+
+
+def test_a_section_measures_the_modules_its_benchmark_imports_and_theirs_but_not_other_stages():
+    measured = names(run.measured_files("monitor"))
+
+    assert {"benchmarks/bench_monitor.py", "benchmarks/common.py", "imageiq_spark/monitor.py",
+            "imageiq_spark/drift.py", "imageiq_spark/config.py"} <= measured
+    assert not {"imageiq_spark/serve.py", "imageiq_spark/ingest.py", "benchmarks/bench_serve.py"} & measured
+
+
+def test_a_section_that_runs_the_cli_measures_the_whole_package():
+    package = names((run.ROOT / "imageiq_spark").rglob("*.py"))
+
+    assert package <= names(run.measured_files("sizing"))
+    assert package <= names(run.measured_files("serve"))  # `BIN / "imageiq"`, not an import

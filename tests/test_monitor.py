@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import make_config
+from pyspark.sql import functions as F
 from scipy import stats
 
 from imageiq_spark import cli, drift, lakehouse, monitor, runs
@@ -238,6 +239,17 @@ def test_partitions_without_rows_are_counted_as_nothing(spark):
 
     assert counted.keys() == {("baseline", None)}
     assert counted[("baseline", None)].categories["label"] == {"a": 1, "b": 1}
+
+
+def test_null_values_are_not_counted_and_other_variables_of_the_row_are(spark):
+    rows = [("baseline", "a", 0.9, "true"), ("baseline", "b", None, None), ("baseline", None, 0.5, "false")]
+    df = spark.createDataFrame(rows, "source string, label string, confidence double, correct string")
+
+    (side,) = monitor.collect_sides([df.withColumn("window_start", F.lit(None).cast("timestamp"))]).values()
+
+    assert side.categories == {"label": {"a": 1, "b": 1}, "correct": {"true": 1, "false": 1}}
+    values, counts = side.grids["confidence"]
+    assert sorted(zip(values.tolist(), counts.tolist())) == [(0.5, 1), (pytest.approx(0.9), 1)]
 
 
 def test_ks_statistic_equals_scipys(samples):
