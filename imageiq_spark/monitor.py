@@ -20,12 +20,15 @@ them, computed once per image.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +43,7 @@ from imageiq_spark.runs import RunCounts
 from imageiq_spark.tensors import binary_views
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: One row per image: what `monitor` aggregates per window of `ingested_at`, so that the image
 #: properties of a window need no join (the image columns were added later: last, nullable).
@@ -551,13 +555,16 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
                                "train and score to have run")
     model = champion(config)
     summary = MonitorSummary(model.name, model.version)
-    summary.profiled_images = update_image_profiles(spark, config)
     now = datetime.datetime.now()
     since = datetime.datetime.combine(now.date() - datetime.timedelta(days=config.monitor.lookback_days),
                                       datetime.time())
-    by_window = collect_sides(population(spark, config, model, since))
+    with ThreadPoolExecutor(1, thread_name_prefix="imageiq-monitor") as pool:
+        # Small independent jobs overlap: most of each is driver-side (planning, Delta logs).
+        quarantine = pool.submit(quarantine_rates, spark, config, since)
+        summary.profiled_images = update_image_profiles(spark, config)
+        by_window = collect_sides(population(spark, config, model, since))
+        rates = quarantine.result()
     baseline = by_window.pop((BASELINE, None), Distributions())
-    rates = quarantine_rates(spark, config, since)
 
     computed_at = datetime.datetime.now()
     unit = config.monitor.window
@@ -582,36 +589,53 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         if source == BATCH:
             summary.latest_window, summary.latest = start, values
     summary.windows = len(windows)
-    write_results(spark, config, model, profiles, drifts, summary.alerts, unit)
-    if summary.latest_window is not None:
-        latest = summary.latest_window
-        summary.report_uri = write_report(config, model, baseline,
-                                          by_window.get((BATCH, latest), Distributions()),
-                                          latest, summary)
+    writes = result_writes(spark, config, model, profiles, drifts, summary.alerts, unit)
+    latest = summary.latest_window
+    report = functools.partial(write_report, config, model, baseline,
+                               by_window.get((BATCH, latest), Distributions()), latest, summary)
+    # The report (PNG, Markdown, MLflow run) is made while the tables are written.
+    report_uri, *_ = run_together([report if latest is not None else lambda: None, *writes])
+    if latest is not None:
+        summary.report_uri = report_uri
         summary.textfile = write_textfile(config, model, summary)
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-def write_results(spark: SparkSession, config: Config, model: Champion, profiles: list[tuple],
-                  drifts: list[tuple], alerts: list[Alert], unit: str) -> None:
-    """Upsert this run's profiles and drift (a window still open changes); alerts insert-only."""
+def result_writes(spark: SparkSession, config: Config, model: Champion, profiles: list[tuple],
+                  drifts: list[tuple], alerts: list[Alert], unit: str) -> list[Callable[[], object]]:
+    """The writes of this run's results, one per table (`run_together` runs them): profiles and
+    drift upserted (a window still open changes), alerts insert-only."""
     window_keys = ("t.window_start = s.window_start AND t.source = s.source AND t.model_name = s.model_name "
                    "AND t.model_version = s.model_version AND t.metric = s.metric")
     upsert = "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+    writes: list[Callable[[], object]] = []
     for table, schema, rows, condition in (
         ("monitor_profiles", PROFILES_SCHEMA, profiles, window_keys + " AND t.key <=> s.key"),
         ("monitor_drift", DRIFT_SCHEMA, drifts, window_keys),
     ):
         lakehouse.ensure_table(spark, config, table, schema)
         if rows:
-            lakehouse.merge(config, table, spark.createDataFrame(rows, schema), condition, upsert)
+            writes.append(functools.partial(lakehouse.merge, config, table,
+                                            spark.createDataFrame(rows, schema), condition, upsert))
     lakehouse.ensure_table(spark, config, "alerts", ALERTS_SCHEMA)
     if alerts:
         raised_at = datetime.datetime.now()
         rows = [(a.metric, a.window_start, _window_end(a.window_start, unit), a.source, model.name,
                  model.version, a.value, a.threshold, a.severity, raised_at) for a in alerts]
-        lakehouse.merge_new_rows(config, "alerts", spark.createDataFrame(rows, ALERTS_SCHEMA), ALERT_KEYS)
+        writes.append(functools.partial(lakehouse.merge_new_rows, config, "alerts",
+                                        spark.createDataFrame(rows, ALERTS_SCHEMA), ALERT_KEYS))
+    return writes
+
+
+def run_together(actions: list[Callable[[], T]]) -> list[T]:
+    """Run independent writes (different tables, the report) at once; their results in order, or
+    the first failure raised once all have ended. Each is mostly driver-side work (a Delta MERGE
+    of a few hundred rows: plans, log reads, a commit), so together they take little longer than
+    the longest."""
+    with ThreadPoolExecutor(len(actions), thread_name_prefix="imageiq-monitor") as pool:
+        running = [pool.submit(action) for action in actions]
+    return [done.result() for done in running]
 
 
 # --- pictures, report, Prometheus ---------------------------------------------------------------
