@@ -55,7 +55,7 @@ def main(names: list[str]) -> int:
         started, load_before = time.monotonic(), os.getloadavg()[0]
         module = importlib.import_module(f"benchmarks.bench_{name}")
         body = module.run(workdir / name)
-        stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} on "
+        stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit(name)} on "
                  f"{os.cpu_count()} cores, Python {platform.python_version()}, "
                  f"code {code_fingerprint(name)}, {time.monotonic() - started:.0f} s, "
                  f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end._\n")
@@ -143,13 +143,14 @@ def mark_staleness(name: str, section: str) -> str:
             f"`python -m benchmarks.run {name}`.\n{rest}")
 
 
-def commit() -> str:
-    """The commit measured, `+dirty` when the working tree differs from it (this run's own output,
-    docs/benchmarks.md, aside: it changes after each section)."""
+def commit(name: str) -> str:
+    """The commit measured, `+dirty` when the code the section measures (`measured_files`) differs
+    from it in the working tree (other files, this run's docs/benchmarks.md among them, do not)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{DOC.relative_to(ROOT)}")
+    measured = [str(path.relative_to(ROOT)) for path in measured_files(name)]
+    dirty = git("status", "--porcelain", "--", *measured)
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
