@@ -7,6 +7,7 @@ digits (undisturbed, with one class missing, or darkened by 40%), scores it and 
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import cv2
@@ -321,3 +322,26 @@ def test_online_predictions_from_the_serving_log_are_a_second_source(spark, miss
     drift_rows = (lakehouse.read_table(spark, config, "monitor_drift")
                   .where("source = 'online' AND metric = 'label_psi'").collect())
     assert [r["window_rows"] for r in drift_rows] == [60]
+
+
+# --- the result writes --------------------------------------------------------------------------
+
+
+def test_writes_run_together_give_their_results_in_order():
+    assert monitor.run_together([lambda: "profiles", lambda: "drift", lambda: "alerts"]) == [
+        "profiles", "drift", "alerts"]
+
+
+def test_a_failed_write_is_raised_once_the_other_writes_have_ended():
+    ended = []
+
+    def slow_write() -> None:
+        time.sleep(0.2)
+        ended.append("drift")
+
+    def failing_write() -> None:
+        raise RuntimeError("MERGE into monitor_profiles failed")
+
+    with pytest.raises(RuntimeError, match="monitor_profiles"):
+        monitor.run_together([failing_write, slow_write])
+    assert ended == ["drift"]
