@@ -591,12 +591,13 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
     summary.windows = len(windows)
     writes = result_writes(spark, config, model, profiles, drifts, summary.alerts, unit)
     latest = summary.latest_window
-    report = functools.partial(write_report, config, model, baseline,
-                               by_window.get((BATCH, latest), Distributions()), latest, summary)
-    # The report (PNG, Markdown, MLflow run) is made while the tables are written.
-    report_uri, *_ = run_together([report if latest is not None else lambda: None, *writes])
-    if latest is not None:
-        summary.report_uri = report_uri
+    if latest is None:
+        run_together(writes)
+    else:
+        # The report (PNG, Markdown, MLflow run) is made while the tables are written.
+        report = functools.partial(write_report, config, model, baseline,
+                                   by_window.get((BATCH, latest), Distributions()), latest, summary)
+        summary.report_uri, *_ = run_together([report, *writes])
         summary.textfile = write_textfile(config, model, summary)
     summary.elapsed_s = time.monotonic() - started
     return summary
@@ -633,7 +634,7 @@ def run_together(actions: list[Callable[[], T]]) -> list[T]:
     the first failure raised once all have ended. Each is mostly driver-side work (a Delta MERGE
     of a few hundred rows: plans, log reads, a commit), so together they take little longer than
     the longest."""
-    with ThreadPoolExecutor(len(actions), thread_name_prefix="imageiq-monitor") as pool:
+    with ThreadPoolExecutor(max(1, len(actions)), thread_name_prefix="imageiq-monitor") as pool:
         running = [pool.submit(action) for action in actions]
     return [done.result() for done in running]
 

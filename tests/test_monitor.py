@@ -332,6 +332,10 @@ def test_writes_run_together_give_their_results_in_order():
         "profiles", "drift", "alerts"]
 
 
+def test_no_writes_run_together_is_nothing_to_do():
+    assert monitor.run_together([]) == []
+
+
 def test_a_failed_write_is_raised_once_the_other_writes_have_ended():
     ended = []
 
