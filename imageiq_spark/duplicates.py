@@ -298,15 +298,17 @@ def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
 
     images = lakehouse.read_table(spark, config, "images").select("image_id", "content")
     done = lakehouse.read_table(spark, config, HASHES_TABLE).select("image_id")
-    todo = images.join(done, "image_id", "left_anti")
     staging = lakehouse.lake_path(config, "staging", HASHES_TABLE, uuid.uuid4().hex)
-    try:
-        spread(todo).mapInArrow(phash.hash_record_batches, _HASH_ROWS).write.parquet(staging)
-        staged = spark.read.parquet(staging).withColumn("hashed_at", F.current_timestamp())
-        inserted = lakehouse.merge_new_rows(config, HASHES_TABLE, staged, ["image_id"])
-        unreadable = staged.where(F.col("error").isNotNull()).count() if inserted else 0
-    finally:
-        remove_staging(staging)
+    with lakehouse.pending_rows(images, [done]) as pending:
+        if not pending.count:
+            return 0, 0
+        try:
+            spread(pending.rows).mapInArrow(phash.hash_record_batches, _HASH_ROWS).write.parquet(staging)
+            staged = spark.read.parquet(staging).withColumn("hashed_at", F.current_timestamp())
+            inserted = lakehouse.merge_new_rows(config, HASHES_TABLE, staged, ["image_id"])
+            unreadable = staged.where(F.col("error").isNotNull()).count() if inserted else 0
+        finally:
+            remove_staging(staging)
     return inserted, unreadable
 
 

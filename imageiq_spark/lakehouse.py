@@ -14,7 +14,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from delta.exceptions import (
@@ -25,8 +26,10 @@ from delta.exceptions import (
     ProtocolChangedException,
 )
 from pyarrow import fs
+from pyspark import StorageLevel
 from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from imageiq_spark import storage
@@ -59,6 +62,9 @@ T = TypeVar("T")
 #: split: a table of three files then ran as three tasks on two cores. Parquet measures a row
 #: group's size every 100 rows at first, 130 MB of camera photos; from 4 rows on it keeps the size.
 ROW_GROUP_SETTINGS = {"parquet.block.size": str(8 << 20), "parquet.page.size.row.check.min": "4"}
+#: Up to this many pending ids are broadcast to pick their rows out of a table of image bytes;
+#: more are joined by a shuffle (of the image bytes, so only for a large backlog).
+BROADCAST_IDS = 500_000
 #: How long a table creation that found the folder taken waits for the other creator's commit.
 CREATE_RACE_WAIT_S = 10.0
 
@@ -296,6 +302,45 @@ def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: 
     finally:
         session.catalog.dropTempView(view)
     return int(metrics[0]["num_inserted_rows"]) if metrics else 0
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The rows a stage has still to process: `rows` (wide: image bytes), their `ids` (cached
+    until the `with` block ends) and how many there are."""
+
+    rows: DataFrame
+    ids: DataFrame
+    count: int
+
+    def __enter__(self) -> Pending:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ids.unpersist()
+
+
+def pending_rows(rows: DataFrame, done: Sequence[DataFrame], key: str = "image_id") -> Pending:
+    """The rows of `rows` whose `key` is in none of `done` (DataFrames of that one column).
+
+    The anti-joins run on the keys alone, once (the keys are cached: a run reads them for the
+    count, the pick and a crash bisection); the wide rows are then picked without a shuffle: all of
+    `rows` when every key is pending, a broadcast semi-join of the keys up to BROADCAST_IDS. An
+    anti-join of `rows` itself with a million done keys sorted and shuffled every image's bytes to
+    find the few new ones.
+    """
+    ids = rows.select(key)
+    for keys in done:
+        ids = ids.join(keys, key, "left_anti")
+    ids = ids.persist(StorageLevel.MEMORY_AND_DISK)
+    count = ids.count()
+    if count == 0:
+        picked = rows.limit(0)
+    elif count == rows.count():
+        picked = rows
+    else:
+        picked = rows.join(F.broadcast(ids) if count <= BROADCAST_IDS else ids, key, "left_semi")
+    return Pending(picked, ids, count)
 
 
 def merge_new_rows(

@@ -472,8 +472,11 @@ def update_image_profiles(spark: SparkSession, config: Config) -> int:
 
     if extent(images) == extent(profiles):
         return 0
-    todo = images.join(profiles.select("image_id"), "image_id", "left_anti")
-    return lakehouse.merge_new_rows(config, "image_profiles", profile_images(spread(todo)), ["image_id"])
+    with lakehouse.pending_rows(images, [profiles.select("image_id")]) as pending:
+        if not pending.count:
+            return 0
+        return lakehouse.merge_new_rows(config, "image_profiles", profile_images(spread(pending.rows)),
+                                        ["image_id"])
 
 
 # --- the run ----------------------------------------------------------------------------------

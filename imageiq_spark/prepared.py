@@ -21,7 +21,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -50,9 +49,6 @@ from imageiq_spark.tables import (
 from imageiq_spark.transform import TransformSpec
 
 SPLITS = ("train", "val", "test")
-#: Up to this many image ids to prepare are broadcast to pick their rows out of `images`; more
-#: are joined by a shuffle (of the image bytes, so only for a large backlog).
-BROADCAST_IDS = 500_000
 #: userMetadata of an append to `prepared`: TAG_PREFIX + "<version>:<prepared_at ISO>#<run id>".
 TAG_PREFIX = "imageiq-preprocess:"
 
@@ -149,14 +145,9 @@ def count_table(
 
 
 def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
-                   prepared_version: int) -> tuple[DataFrame, DataFrame, int]:
+                   prepared_version: int) -> lakehouse.Pending:
     """Rows of `images` not prepared at the spec's version (as of the table's `prepared_version`)
-    and not quarantined by this stage at that version, their ids, and how many there are.
-
-    The anti-joins run on ids only, once: the ids are cached (a run reads them for the count,
-    the splits, the spread and the append; each read ran the anti-joins over three tables again),
-    so the caller unpersists them when done. The image bytes are then picked out without a shuffle.
-    """
+    and not quarantined by this stage at that version (`lakehouse.pending_rows`)."""
     images = lakehouse.read_table(spark, config, "images")
     done = (
         spark.read.format("delta").option("versionAsOf", prepared_version)
@@ -171,15 +162,7 @@ def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
         .filter((F.col("stage") == "preprocess") & (F.col("version") == spec.version))
         .select("image_id")
     )
-    pending = (
-        images.select("image_id").join(done, "image_id", "left_anti").join(failed, "image_id", "left_anti")
-    )
-    ids = pending.persist(StorageLevel.MEMORY_AND_DISK)
-    count = ids.count()
-    if count == 0 or count == images.count():
-        return images, ids, count
-    picked = F.broadcast(ids) if count <= BROADCAST_IDS else ids
-    return images.join(picked, "image_id", "left_semi"), ids, count
+    return lakehouse.pending_rows(images, [done, failed])
 
 
 def latest_version(spark: SparkSession, config: Config, table: str) -> int:

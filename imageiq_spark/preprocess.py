@@ -191,21 +191,19 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     report = RunReport()
     for attempt in range(1, ATTEMPTS + 1):
         start_version = latest_version(spark, config, "prepared")
-        todo, ids, pending = pending_images(spark, config, spec, start_version)
-        try:
-            if not pending:
+        with pending_images(spark, config, spec, start_version) as pending:
+            if not pending.count:
                 break
-            log.info("preprocess: %d images to prepare at version %s", pending, spec.version)
-            written, attempt_report = prepare_pending(spark, config, spec, todo, ids, start_version,
-                                                      prepared_at, tag)
-        except PySparkException as exc:
-            if not lakehouse.is_conflict(exc):
-                raise
-            written, lost = None, type(exc).__name__
-        else:
-            lost = "it prepared these images first"
-        finally:
-            ids.unpersist()
+            log.info("preprocess: %d images to prepare at version %s", pending.count, spec.version)
+            try:
+                written, attempt_report = prepare_pending(spark, config, spec, pending.rows, pending.ids,
+                                                          start_version, prepared_at, tag)
+            except PySparkException as exc:
+                if not lakehouse.is_conflict(exc):
+                    raise
+                written, lost = None, type(exc).__name__
+            else:
+                lost = "it prepared these images first"
         if written is None:
             log.warning("preprocess: a concurrent run committed first (%s); attempt %d of %d",
                         lost, attempt, ATTEMPTS)

@@ -289,12 +289,10 @@ def score_tensors(
     return spread(df.select("image_id", "tensor")).mapInArrow(scorer, SCORED_SCHEMA)
 
 
-def unscored(images: DataFrame, predictions: DataFrame | None, name: str, version: str) -> DataFrame:
-    """Images with no prediction from this model version."""
-    if predictions is None:
-        return images
+def scored_ids(predictions: DataFrame, name: str, version: str) -> DataFrame:
+    """The image ids with a prediction from this model version."""
     done = predictions.where((F.col("model_name") == name) & (F.col("model_version") == version))
-    return images.join(done.select("image_id"), "image_id", "left_anti")
+    return done.select("image_id")
 
 
 def with_model_columns(scored: DataFrame, name: str, version: str, run_id: str | None,
@@ -385,7 +383,8 @@ def model_pass(
 ) -> None:
     """The pass score and embed share; fills `summary`'s counts.
 
-    The images without a row of the summary's model version in `table` go through `predict`
+    The images without a row of the summary's model version in `table` (found on their ids
+    alone, `lakehouse.pending_rows`; none: nothing is read or written) go through `predict`
     (rows with `error` set where an image cannot be decoded), staged to Parquet so the model
     runs once; the good rows, shaped by `output`, are merged insert-only on `keys`, and the
     undecodable images are quarantined under `stage`, as are images that kill a Python worker
@@ -395,27 +394,29 @@ def model_pass(
         raise RuntimeError("table 'images' does not exist: run `imageiq ingest` first")
     lakehouse.ensure_table(spark, config, table, table_schema)
     images = lakehouse.read_table(spark, config, "images")
-    todo = unscored(images.select("image_id", "content"), lakehouse.read_table(spark, config, table),
-                    summary.model_name, summary.model_version)
-    at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-    staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
-    try:
-        _, crashed = faults.survive_worker_crashes(
-            lambda crashed: predict(faults.restrict(todo, "image_id", crashed, keep=False) if crashed
-                                    else todo, at).write.mode("overwrite").parquet(staging),
-            lambda: sorted(r.image_id for r in todo.select("image_id").collect()),
-            lambda subset: predict(faults.restrict(todo, "image_id", subset, keep=True), at).count(),
-            stage,
-        )
-        staged = spark.read.parquet(staging)
-        summary.candidates = staged.count() + len(crashed)
-        good = output(staged.where(F.col("error").isNull()), at)
-        summary.inserted = lakehouse.merge_new_rows(config, table, good, keys,
-                                                    attempts=config.score.merge_retries)
-        summary.failed = quarantine_failed(config, staged, crashed, images, stage,
-                                           f"{summary.model_name}/{summary.model_version}", at)
-    finally:
-        remove_staging(staging)
+    done = scored_ids(lakehouse.read_table(spark, config, table), summary.model_name, summary.model_version)
+    with lakehouse.pending_rows(images.select("image_id", "content"), [done]) as pending:
+        if pending.count:
+            todo = pending.rows
+            at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
+            try:
+                _, crashed = faults.survive_worker_crashes(
+                    lambda crashed: predict(faults.restrict(todo, "image_id", crashed, keep=False) if crashed
+                                            else todo, at).write.mode("overwrite").parquet(staging),
+                    lambda: sorted(r.image_id for r in pending.ids.collect()),
+                    lambda subset: predict(faults.restrict(todo, "image_id", subset, keep=True), at).count(),
+                    stage,
+                )
+                staged = spark.read.parquet(staging)
+                summary.candidates = staged.count() + len(crashed)
+                good = output(staged.where(F.col("error").isNull()), at)
+                summary.inserted = lakehouse.merge_new_rows(config, table, good, keys,
+                                                            attempts=config.score.merge_retries)
+                summary.failed = quarantine_failed(config, staged, crashed, images, stage,
+                                                   f"{summary.model_name}/{summary.model_version}", at)
+            finally:
+                remove_staging(staging)
     lakehouse.register_tables(spark, config)
 
 

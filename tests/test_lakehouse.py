@@ -1,8 +1,15 @@
-"""The lakehouse's table checks: a folder is a Delta table once its first commit is in its log."""
+"""The lakehouse's table checks (a folder is a Delta table once its first commit is in its log) and
+its pick of the rows a stage has still to process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
+from pyspark.testing import assertDataFrameEqual
+
 from imageiq_spark import lakehouse
+from imageiq_spark.session import session_conf
 
 
 def describe_says_delta(spark, location: str) -> bool:
@@ -33,3 +40,80 @@ def test_a_written_table_is_a_delta_table_as_spark_says(spark, tmp_path):
 
     assert lakehouse.is_delta_table(spark, location) is True
     assert describe_says_delta(spark, location) is True
+
+
+IMAGES = [("a", b"aaa"), ("b", b"bbb"), ("c", b"ccc"), ("d", b"ddd"), ("e", b"eee")]
+
+
+def images_table(spark, tmp_path):
+    location = f"file:{tmp_path / 'images'}"
+    spark.createDataFrame(IMAGES, "image_id string, content binary").write.format("delta").save(location)
+    return spark.read.format("delta").load(location)
+
+
+def ids(spark, *values: str):
+    return spark.createDataFrame([(v,) for v in values], "image_id string")
+
+
+def operators_above(plan: str, marker: str) -> list[str]:
+    """The operators from the first plan node whose line holds `marker` up to the root."""
+    lines = plan.splitlines()
+    at = next(i for i, line in enumerate(lines) if marker in line)
+
+    def depth(line: str) -> int:
+        return len(line) - len(line.lstrip(" :+-"))
+
+    above, level = [], depth(lines[at])
+    for line in reversed(lines[:at]):
+        if depth(line) < level:
+            above.append(line.strip())
+            level = depth(line)
+    return above
+
+
+def physical_plan(df) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        df.explain()
+    return out.getvalue()
+
+
+def test_pending_rows_are_those_no_done_table_holds(spark, tmp_path):
+    images = images_table(spark, tmp_path)
+
+    with lakehouse.pending_rows(images, [ids(spark, "b", "d"), ids(spark, "e", "z")]) as pending:
+        assert pending.count == 2
+        assert sorted(pending.ids.collect()) == [("a",), ("c",)]
+        assertDataFrameEqual(pending.rows, [("a", bytearray(b"aaa")), ("c", bytearray(b"ccc"))],
+                             checkRowOrder=False)
+
+
+def test_pending_rows_are_picked_without_shuffling_their_bytes(spark, tmp_path):
+    images = images_table(spark, tmp_path)
+    # No automatic broadcast: what a done table of a million ids gets. An anti-join of the image
+    # rows themselves then sort-merges, and shuffles every image's bytes.
+    with session_conf(spark, {"spark.sql.autoBroadcastJoinThreshold": "-1"}):
+        with lakehouse.pending_rows(images, [ids(spark, "b", "d")]) as pending:
+            plan = physical_plan(pending.rows)
+
+    above_scan = operators_above(plan, "ReadSchema: struct<image_id:string,content:binary>")
+    assert [op for op in above_scan if "Exchange" in op or "SortMergeJoin" in op] == []
+    assert any("BroadcastHashJoin" in op and "LeftSemi" in op for op in above_scan)
+
+
+def test_when_every_row_is_pending_the_rows_are_read_as_they_are(spark, tmp_path):
+    images = images_table(spark, tmp_path)
+
+    with lakehouse.pending_rows(images, [ids(spark, "z")]) as pending:
+        assert pending.count == 5
+        assert "Join" not in physical_plan(pending.rows)
+        assertDataFrameEqual(pending.rows, [(i, bytearray(c)) for i, c in IMAGES], checkRowOrder=False)
+
+
+def test_when_no_row_is_pending_no_row_is_read(spark, tmp_path):
+    images = images_table(spark, tmp_path)
+
+    with lakehouse.pending_rows(images, [ids(spark, "a", "b", "c"), ids(spark, "d", "e")]) as pending:
+        assert pending.count == 0
+        assert "FileScan" not in physical_plan(pending.rows)
+        assert pending.rows.collect() == []
