@@ -48,7 +48,7 @@ from pyspark.sql.types import (
 from imageiq_spark import lakehouse, phash
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
-from imageiq_spark.session import spread, to_arrow
+from imageiq_spark.session import deal, spread, to_arrow
 from imageiq_spark.tables import schema
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def cosine_pairs(spark: SparkSession, vectors: DataFrame, threshold: float) -> D
     if len(ids) < 2:
         return spark.createDataFrame([], _SIMILAR_ROWS)
     rows = spark.range(len(ids)).select(F.col("id").alias("row"))
-    return spread(rows).mapInArrow(CosineBlocks(ids, matrix, threshold), _SIMILAR_ROWS)
+    return deal(rows).mapInArrow(CosineBlocks(ids, matrix, threshold), _SIMILAR_ROWS)
 
 
 def components(pairs: list[tuple[str, str]]) -> dict[str, str]:

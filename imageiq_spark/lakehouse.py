@@ -34,7 +34,7 @@ from pyspark.sql.types import StructType
 
 from imageiq_spark import storage
 from imageiq_spark.config import Config, ConfigError
-from imageiq_spark.session import is_connect, storage_uri
+from imageiq_spark.session import deal, is_connect, storage_uri
 
 log = logging.getLogger(__name__)
 
@@ -324,10 +324,10 @@ def pending_rows(rows: DataFrame, done: Sequence[DataFrame], key: str = "image_i
     """The rows of `rows` whose `key` is in none of `done` (DataFrames of that one column).
 
     The anti-joins run on the keys alone, once (the keys are cached: a run reads them for the
-    count, the pick and a crash bisection); the wide rows are then picked without a shuffle: all of
-    `rows` when every key is pending, a broadcast semi-join of the keys up to BROADCAST_IDS. An
-    anti-join of `rows` itself with a million done keys sorted and shuffled every image's bytes to
-    find the few new ones.
+    count, the pick and a crash bisection); the wide rows are then picked: all of `rows` as they are
+    when every key is pending (not shuffled), else by a broadcast semi-join of the keys (up to
+    BROADCAST_IDS) and dealt over the cores. An anti-join of `rows` itself with a million done keys
+    sorted and shuffled every image's bytes to find the few new ones.
     """
     ids = rows.select(key)
     for keys in done:
@@ -339,7 +339,8 @@ def pending_rows(rows: DataFrame, done: Sequence[DataFrame], key: str = "image_i
     elif count == rows.count():
         picked = rows
     else:
-        picked = rows.join(F.broadcast(ids) if count <= BROADCAST_IDS else ids, key, "left_semi")
+        # The rows left sit in a few of the table's files (the newest): dealt over the cores.
+        picked = deal(rows.join(F.broadcast(ids) if count <= BROADCAST_IDS else ids, key, "left_semi"))
     return Pending(picked, ids, count)
 
 

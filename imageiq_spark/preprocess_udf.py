@@ -251,7 +251,7 @@ def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
     # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
     prepare = PrepareBatches(spec, report, RESIZE_POLICIES[spec.resize],
                              config.preprocess.fault_inject_id_contains)
-    return spread(rows, per_core=1).mapInArrow(prepare, OUTCOME_SCHEMA)
+    return spread(rows).mapInArrow(prepare, OUTCOME_SCHEMA)
 
 
 @dataclass(frozen=True)

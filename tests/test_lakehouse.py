@@ -1,15 +1,16 @@
 """The lakehouse's table checks (a folder is a Delta table once its first commit is in its log) and
-its pick of the rows a stage has still to process."""
+its pick of the rows a stage has still to process, spread over the cores."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from imageiq_spark import lakehouse
-from imageiq_spark.session import session_conf
+from imageiq_spark.session import session_conf, spread
 
 
 def describe_says_delta(spark, location: str) -> bool:
@@ -97,8 +98,9 @@ def test_pending_rows_are_picked_without_shuffling_their_bytes(spark, tmp_path):
             plan = physical_plan(pending.rows)
 
     above_scan = operators_above(plan, "ReadSchema: struct<image_id:string,content:binary>")
-    assert [op for op in above_scan if "Exchange" in op or "SortMergeJoin" in op] == []
-    assert any("BroadcastHashJoin" in op and "LeftSemi" in op for op in above_scan)
+    first_join = next(i for i, op in enumerate(above_scan) if "Join" in op)
+    assert "BroadcastHashJoin" in above_scan[first_join] and "LeftSemi" in above_scan[first_join]
+    assert [op for op in above_scan[:first_join] if "Exchange" in op] == []  # filtered, then dealt
 
 
 def test_when_every_row_is_pending_the_rows_are_read_as_they_are(spark, tmp_path):
@@ -117,3 +119,37 @@ def test_when_no_row_is_pending_no_row_is_read(spark, tmp_path):
         assert pending.count == 0
         assert "FileScan" not in physical_plan(pending.rows)
         assert pending.rows.collect() == []
+
+
+def rows_per_partition(df) -> list[int]:
+    counts = df.select(F.spark_partition_id().alias("p")).groupBy("p").count().collect()
+    return sorted(row["count"] for row in counts)
+
+
+def test_a_whole_table_split_by_its_scan_is_not_shuffled(spark, tmp_path):
+    location = f"file:{tmp_path / 'two_files'}"
+    spark.range(100).repartition(2).write.format("delta").save(location)
+    table = spark.read.format("delta").load(location)
+    assert table.rdd.getNumPartitions() == 2  # one scan task per core, on local[2]
+
+    spread_rows = spread(table)
+
+    assert "Exchange" not in physical_plan(spread_rows)
+    assert rows_per_partition(spread_rows) == rows_per_partition(table)
+
+
+def test_a_table_too_small_to_split_is_dealt_over_the_cores(spark, tmp_path):
+    location = f"file:{tmp_path / 'one_file'}"
+    spark.range(100).coalesce(1).write.format("delta").save(location)
+
+    assert rows_per_partition(spread(spark.read.format("delta").load(location))) == [50, 50]
+
+
+def test_pending_rows_of_part_of_a_table_are_dealt_over_the_cores(spark, tmp_path):
+    location = f"file:{tmp_path / 'images'}"
+    ids = spark.range(100).selectExpr("cast(id as string) as image_id")
+    ids.coalesce(1).write.format("delta").save(location)
+    done = spark.range(20).selectExpr("cast(id as string) as image_id")
+
+    with lakehouse.pending_rows(spark.read.format("delta").load(location), [done]) as pending:
+        assert rows_per_partition(pending.rows) == [20, 20, 20, 20]  # two per core, round-robin
