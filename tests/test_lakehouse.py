@@ -153,3 +153,15 @@ def test_pending_rows_of_part_of_a_table_are_dealt_over_the_cores(spark, tmp_pat
 
     with lakehouse.pending_rows(spark.read.format("delta").load(location), [done]) as pending:
         assert rows_per_partition(pending.rows) == [20, 20, 20, 20]  # two per core, round-robin
+
+
+def test_pending_rows_the_scan_already_spreads_are_not_shuffled(spark, tmp_path):
+    location = f"file:{tmp_path / 'images'}"
+    ids = spark.range(100).selectExpr("cast(id as string) as image_id")
+    ids.repartition(2).write.format("delta").save(location)  # two files, their ids dealt between them
+    done = spark.range(20).selectExpr("cast(id as string) as image_id")
+
+    with lakehouse.pending_rows(spark.read.format("delta").load(location), [done]) as pending:
+        assert "RoundRobinPartitioning" not in physical_plan(pending.rows)
+        per_task = rows_per_partition(pending.rows)
+        assert sum(per_task) == 80 and len(per_task) == 2 and max(per_task) <= 50
