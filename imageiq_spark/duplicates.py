@@ -298,10 +298,10 @@ def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
 
     images = lakehouse.read_table(spark, config, "images").select("image_id", "content")
     done = lakehouse.read_table(spark, config, HASHES_TABLE).select("image_id")
-    staging = lakehouse.lake_path(config, "staging", HASHES_TABLE, uuid.uuid4().hex)
     with lakehouse.pending_rows(images, [done]) as pending:
         if not pending.count:
             return 0, 0
+        staging = lakehouse.lake_path(config, "staging", HASHES_TABLE, uuid.uuid4().hex)
         try:
             spread(pending.rows).mapInArrow(phash.hash_record_batches, _HASH_ROWS).write.parquet(staging)
             staged = spark.read.parquet(staging).withColumn("hashed_at", F.current_timestamp())
