@@ -1,11 +1,12 @@
 """`make bench`: run every stage benchmark and write docs/benchmarks.md.
 
 Each `benchmarks/bench_<name>.py` exposes `run(workdir: Path) -> str`, a Markdown section that
-measures its stage against the bare baseline in the same run. `python -m benchmarks.run ingest score`
-runs only those; the sections not run keep their last text in docs/benchmarks.md, marked stale when
-the code they measured differs from the code fingerprint stamped on them: their bench module and
-every module of this checkout it imports, directly or through others (the whole CLI where it runs
-the `imageiq` command), so a change to one stage leaves the other stages' sections standing.
+measures its stage against the bare baseline in the same run; each section runs in a child process of
+its own. `python -m benchmarks.run ingest score` runs only those; the sections not run keep their last
+text in docs/benchmarks.md, marked stale when the code they measured differs from the code
+fingerprint stamped on them: their bench module and every module of this checkout it imports,
+directly or through others (the whole CLI where it runs the `imageiq` command), so a change to one
+stage leaves the other stages' sections standing.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def main(names: list[str]) -> int:
     for name in chosen:
         print(f"== benchmark {name}", file=sys.stderr)
         started, load_before = time.monotonic(), os.getloadavg()[0]
-        module = importlib.import_module(f"benchmarks.bench_{name}")
-        body = module.run(workdir / name)
+        body = run_section(name, workdir)
         stamp = (f"\n_Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit(name)} on "
                  f"{os.cpu_count()} cores, Python {platform.python_version()}, "
                  f"code {code_fingerprint(name)}, {time.monotonic() - started:.0f} s, "
@@ -67,6 +67,25 @@ def main(names: list[str]) -> int:
     return 0
 
 
+def run_section(name: str, workdir: Path) -> str:
+    """One section's Markdown, measured in a child process of its own: a section's Spark session,
+    models and arrays end with it, so the next section starts on a clean machine (in one shared
+    process, score's leftovers once got preprocess OOM-killed)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = workdir / f"{name}.md"
+    result.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.run", SECTION_FLAG, name, str(result)], cwd=ROOT,
+                   check=True)
+    return result.read_text()
+
+
+def measure_section(name: str, result: Path) -> None:
+    """The child's side of `run_section`."""
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    result.write_text(module.run(result.parent / name))
+
+
+SECTION_FLAG = "--section"
 STALE = "**Stale:** "
 
 
@@ -163,4 +182,7 @@ def write(done: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:2] == [SECTION_FLAG]:
+        measure_section(sys.argv[2], Path(sys.argv[3]))
+    else:
+        sys.exit(main(sys.argv[1:]))
