@@ -229,8 +229,8 @@ def run(workdir: Path) -> str:
         "- The tables are written as ingest and preprocess write `images` and `prepared` (8 MB row "
         "groups), so a whole table splits evenly into one scan task per core and ours reads it without "
         "a shuffle (dealing the tensors round-robin first cost a sixth of the small CNN's time).",
-        "- What remains between ours and ideal is the Spark job without the model (the row above: "
-        "planning, task start, the Delta scan, the Arrow trip, the Parquet write), on the same two "
+        "- What remains between ours and ideal is the Spark job without the model (each model's first "
+        "note: planning, task start, the Delta scan, the Arrow trip, the Parquet write), on the same two "
         "cores as the model; it matters most for the small CNN, where the model is cheap.",
         "",
     ])
