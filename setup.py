@@ -20,7 +20,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["imageiq_spark", "imageiq_spark.*"]),
-    package_data={"imageiq_spark": ["py.typed", "static/*.html"]},
+    package_data={"imageiq_spark": ["py.typed", "static/*.html", "log4j2.properties"]},
     install_requires=requirements("requirements.txt"),
     extras_require={"local": requirements("requirements-local.txt")},
     entry_points={"console_scripts": ["imageiq=imageiq_spark.cli:main"]},

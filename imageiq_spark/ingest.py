@@ -319,12 +319,10 @@ BATCH_REPORT_SCHEMA = ("files_seen int, new_images int, duplicates int, relabell
 def add_batch_reports(spark: SparkSession, reports: str, summary: IngestSummary) -> None:
     """Add the micro-batches' counts to `summary`, then delete them; a run that found no new
     file had no batch and wrote none."""
-    try:
-        rows = spark.read.schema(BATCH_REPORT_SCHEMA).parquet(reports).collect()
-    except AnalysisException as exc:
-        if lakehouse.error_condition(exc) != "PATH_NOT_FOUND":
-            raise
+    # Looked up first: Spark logs a missing folder's read with a stack trace before it raises.
+    if not storage.folder_exists(reports):
         return
+    rows = spark.read.schema(BATCH_REPORT_SCHEMA).parquet(reports).collect()
     for row in rows:
         summary.files_seen += row["files_seen"]
         summary.new_images += row["new_images"]

@@ -9,20 +9,28 @@ summaries, not the libraries' start-up noise; `imageiq --verbose` (IMAGEIQ_VERBO
   loads a model (`score.cached_model`).
 - The executors' environment (`worker_env`, set by `session`) carries TensorFlow's and gRPC's log
   levels and ignores FutureWarnings (petastorm's pyarrow deprecations), as the driver does
-  (`quiet_driver`).
+  (`quiet_driver`, which also keeps petastorm's converter advice to itself), and petastorm's
+  warning that a dataset is iterated again (validation, once per epoch).
+- The driver JVM of a session started here logs through `log4j2.properties` beside this module
+  (`jvm_settings`): Spark's warnings and errors, less the notices every local run prints.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 VERBOSE_ENV = "IMAGEIQ_VERBOSE"
+#: Petastorm warns each time a dataset is iterated again: training validates on its split once per
+#: epoch, on purpose (the training split streams with a fixed number of steps instead).
+PETASTORM_RESET = "Running multiple iterations over make_petastorm_dataset"
 
 
 def verbose() -> bool:
@@ -35,8 +43,18 @@ def worker_env() -> dict[str, str]:
         env = {VERBOSE_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
     else:
         env = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR",
-               "PYTHONWARNINGS": "ignore::FutureWarning"}
+               "PYTHONWARNINGS": f"ignore::FutureWarning,ignore:{PETASTORM_RESET}:UserWarning"}
     return {f"spark.executorEnv.{key}": value for key, value in env.items()}
+
+
+def jvm_settings() -> dict[str, str]:
+    """The Spark setting that points the driver JVM's log4j at our `log4j2.properties` (none under
+    --verbose: Spark's own defaults, with everything they print). Executor JVMs, where a session
+    has any (`local-cluster`), log to their own files and keep Spark's defaults."""
+    if verbose():
+        return {}
+    config = (Path(__file__).parent / "log4j2.properties").as_uri()
+    return {"spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={config}"}
 
 
 def quiet_driver() -> None:
@@ -47,6 +65,9 @@ def quiet_driver() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     warnings.simplefilter("ignore", FutureWarning)
+    warnings.filterwarnings("ignore", PETASTORM_RESET, UserWarning)
+    # Advice to petastorm's caller (float32 conversion, "parquet files too small"), not to our users.
+    logging.getLogger("petastorm.spark.spark_dataset_converter").setLevel(logging.ERROR)
 
 
 @contextmanager

@@ -184,8 +184,9 @@ def session_settings(config: Config, local: bool) -> dict[str, str]:
     settings: dict[str, str] = {}
     if local:
         settings.update(local_defaults(config))
-        # Python workers log as the driver does: quiet, or everything under --verbose.
+        # Python workers log as the driver does: quiet, or everything under --verbose; so does its JVM.
         settings.update(quiet.worker_env())
+        settings.update(quiet.jvm_settings())
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
         settings.update(s3a_defaults(os.environ))
     settings.update(config.spark_conf)

@@ -36,7 +36,8 @@ def test_wheel_holds_the_package_entry_point_requirement_ranges_and_the_pinned_l
         entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "imageiq_spark").glob("*.py")}
     assert modules <= names
-    assert "imageiq_spark/py.typed" in names
+    data = {"py.typed", "log4j2.properties", "static/index.html"}  # the upload page, the driver JVM's logging
+    assert {f"imageiq_spark/{name}" for name in data} <= names
     assert "[console_scripts]\nimageiq = imageiq_spark.cli:main" in entry_points
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]

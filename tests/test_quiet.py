@@ -16,9 +16,13 @@ from test_score import register
 from imageiq_spark import ingest, lakehouse
 from imageiq_spark.sample_data import load_digits
 
-#: Lines TensorFlow's C++ core and its CUDA probe print in every process that loads it, and
-#: Python warnings as the warnings module prints them.
-NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit", "Warning:")
+#: Lines TensorFlow's C++ core and its CUDA probe print in every process that loads it, Python
+#: warnings as the warnings module prints them, the notices Spark's JVM prints on every local run,
+#: and petastorm's advice to its caller.
+NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit", "Warning:",
+         "Using Spark's default log4j profile", "NativeCodeLoader", "resolves to a loopback address",
+         "Truncated the string representation", "not supported in streaming", "locally checkpointed",
+         "Converting floating-point columns", "of the parquet files is too small")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,21 @@ def test_a_stage_shows_our_progress_and_none_of_the_libraries_start_up_lines(lak
     assert noise(scored.stderr) == []
 
 
+def test_an_ingest_that_finds_no_new_file_prints_no_stack_trace(lake, tmp_path):
+    root, conf = lake
+    nothing_new = tmp_path / "nothing_new"
+    nothing_new.mkdir()
+
+    ingested = run_cli(conf, "ingest", "--source", str(nothing_new), cwd=root)
+
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    assert "files seen:   0" in ingested.stdout
+    assert "ingest: done" in ingested.stderr
+    assert [line for line in ingested.stderr.splitlines()
+            if "Exception" in line or line.lstrip().startswith("at ")] == []
+    assert noise(ingested.stderr) == []
+
+
 @pytest.mark.slow  # a second CLI run with its own Spark start; `make test-all`
 def test_verbose_brings_back_the_start_up_lines_of_the_python_workers(lake):
     root, conf = lake
@@ -67,7 +86,7 @@ def test_distributed_training_workers_print_none_of_the_start_up_lines(spark, tm
 
     write_sample_data(tmp_path / "src", per_class=6)
     config = make_config(tmp_path, ingest={"source": str(tmp_path / "src")},
-                         train={"epochs": 1, "batch_size": 8, "distributed": {"workers": 2}})
+                         train={"epochs": 2, "batch_size": 8, "distributed": {"workers": 2}})
     ingest.run(spark, config)
     preprocess.run(spark, config)
 
