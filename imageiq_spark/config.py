@@ -399,7 +399,8 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     monitor: MonitorConfig = MonitorConfig()
     maintain: MaintainConfig = MaintainConfig()
-    #: Passed verbatim to the Spark session builder; what spark-submit or the platform sets wins.
+    #: Passed to the Spark session builder; what spark-submit or the platform sets wins. A
+    #: `spark.driver.extraJavaOptions` here is added after the project's own (its log settings).
     spark_conf: SparkConf = {}
 
     @property

@@ -70,6 +70,10 @@ def uses_s3(config: Config) -> bool:
     return any(u.startswith(("s3a://", "s3://")) for u in uris)
 
 
+#: The driver JVM's options: ours (`quiet.jvm_settings`) and a user's `spark_conf` both set it.
+JVM_OPTIONS = "spark.driver.extraJavaOptions"
+
+
 def local_defaults(config: Config) -> dict[str, str]:
     root = storage_uri(config.storage.root)
     python = sys.executable
@@ -189,7 +193,12 @@ def session_settings(config: Config, local: bool) -> dict[str, str]:
         settings.update(quiet.jvm_settings())
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
         settings.update(s3a_defaults(os.environ))
-    settings.update(config.spark_conf)
+    user = dict(config.spark_conf)
+    # A user's own JVM options follow ours (the JVM takes the last of a repeated option) rather
+    # than replace them, so adding, say, a heap-dump flag does not bring Spark's log noise back.
+    if JVM_OPTIONS in settings and JVM_OPTIONS in user:
+        user[JVM_OPTIONS] = f"{settings[JVM_OPTIONS]} {user[JVM_OPTIONS]}"
+    settings.update(user)
     return settings
 
 

@@ -13,8 +13,9 @@ from test_duplicates import image_rows
 from test_faults import run_cli, write_conf
 from test_score import register
 
-from imageiq_spark import ingest, lakehouse
+from imageiq_spark import ingest, lakehouse, quiet
 from imageiq_spark.sample_data import load_digits
+from imageiq_spark.session import JVM_OPTIONS, session_settings
 
 #: Lines TensorFlow's C++ core and its CUDA probe print in every process that loads it, Python
 #: warnings as the warnings module prints them, the notices Spark's JVM prints on every local run,
@@ -66,6 +67,24 @@ def test_an_ingest_that_finds_no_new_file_prints_no_stack_trace(lake, tmp_path):
     assert [line for line in ingested.stderr.splitlines()
             if "Exception" in line or line.lstrip().startswith("at ")] == []
     assert noise(ingested.stderr) == []
+
+
+def test_a_users_own_jvm_options_follow_the_quiet_logging_option_instead_of_replacing_it(tmp_path):
+    heap_dumps = "-XX:+HeapDumpOnOutOfMemoryError"
+    config = make_config(tmp_path, spark_conf={JVM_OPTIONS: heap_dumps})
+
+    settings = session_settings(config, local=True)
+
+    ours = quiet.jvm_settings()[JVM_OPTIONS]
+    assert ours.startswith("-Dlog4j2.configurationFile=")
+    assert settings[JVM_OPTIONS] == f"{ours} {heap_dumps}"
+
+
+def test_under_verbose_a_users_jvm_options_are_kept_as_given(tmp_path, monkeypatch):
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "1")
+    config = make_config(tmp_path, spark_conf={JVM_OPTIONS: "-XX:+HeapDumpOnOutOfMemoryError"})
+
+    assert session_settings(config, local=True)[JVM_OPTIONS] == "-XX:+HeapDumpOnOutOfMemoryError"
 
 
 @pytest.mark.slow  # a second CLI run with its own Spark start; `make test-all`
