@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 MVN := mvn -q -B org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy -Dtransitive=false
 # Resolved one by one, not transitively: transitive copies clash with pyspark's own jars (DESIGN.md).
-DELTA_JARS := io.delta:delta-spark_4.0_2.13:4.4.0 io.delta:delta-storage:4.4.0
-S3_JARS := org.apache.hadoop:hadoop-aws:3.4.1 software.amazon.awssdk:bundle:2.24.6
+# Delta 4.4.0 publishes jars for Spark 4.0-4.2 (none for 4.3); hadoop-aws matches the hadoop-client
+# 3.5.0 inside pyspark 4.2, and the AWS SDK bundle is the one hadoop 3.5.0 is built with.
+DELTA_JARS := io.delta:delta-spark_4.2_2.13:4.4.0 io.delta:delta-storage:4.4.0
+S3_JARS := org.apache.hadoop:hadoop-aws:3.5.0 software.amazon.awssdk:bundle:2.35.4
 SAMPLE := data/sample
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
@@ -53,34 +55,43 @@ test-cluster: install jars jars-s3 browser
 	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m "not slow" --timeout=1800
 	IMAGEIQ_TEST_MASTER='$(CLUSTER_MASTER)' $(BIN)/pytest -m slow tests/test_cluster.py --timeout=1800
 
-# The oldest Spark/Delta pair the ranges claim (constraints-compat.txt) in a venv and a jars folder of
-# their own; the rest of the stack keeps constraints.txt's pins. The session takes the Delta 3 jars
-# from $IMAGEIQ_JARS_DIR. What needs Spark 4 (Spark Connect's local server) skips there with a reason.
-COMPAT_VENV := .venv-compat
-COMPAT_BIN := $(COMPAT_VENV)/bin
-COMPAT_DELTA_JARS := io.delta:delta-spark_2.12:3.3.3 io.delta:delta-storage:3.3.3
+# The older Spark lines the ranges claim, each in a venv and a jars folder of its own:
+# constraints-compat-<line>.txt replaces the pins it names, the rest of the stack keeps
+# constraints.txt's. The session takes that line's Delta jars from $IMAGEIQ_JARS_DIR. The 3.5 line
+# carries the [petastorm] extra and runs the training tests with the Petastorm reader
+# (IMAGEIQ_TEST_TRAIN_READER); what needs Spark 4 (Spark Connect's local server) skips there.
+COMPAT_LINES := 4.0 3.5
+COMPAT_DELTA_JARS_4.0 := io.delta:delta-spark_4.0_2.13:4.4.0 io.delta:delta-storage:4.4.0
+COMPAT_DELTA_JARS_3.5 := io.delta:delta-spark_2.12:3.3.3 io.delta:delta-storage:3.3.3
+COMPAT_PACKAGES_3.5 := petastorm
+COMPAT_READER_4.0 := arrow
+COMPAT_READER_3.5 := petastorm
 COMPAT_TESTS := tests/test_ingest.py tests/test_preprocess.py tests/test_score.py tests/test_connect.py \
-  tests/test_duplicates.py::test_cosine_pairs_equal_every_pair_above_the_threshold
+  tests/test_train.py tests/test_duplicates.py::test_cosine_pairs_equal_every_pair_above_the_threshold
 
-$(COMPAT_VENV)/.installed: requirements.txt constraints.txt constraints-compat.txt setup.py
-	test -x $(COMPAT_BIN)/python || $(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_BIN)/pip install -q --upgrade pip
-	grep -v -i -E '^(pyspark|py4j|delta[-_]spark)==' constraints.txt > $(COMPAT_VENV)/constraints.txt
-	$(COMPAT_BIN)/pip install -q -c $(COMPAT_VENV)/constraints.txt -c constraints-compat.txt \
-	  -r requirements.txt delta-spark pytest pytest-timeout "moto[server]" boto3 psutil
-	$(COMPAT_BIN)/pip install -q --no-deps --no-build-isolation -e .
+.venv-compat-%/.installed: requirements.txt constraints.txt constraints-compat-%.txt setup.py
+	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
+	.venv-compat-$*/bin/pip install -q --upgrade pip
+	grep -v -i -E "^($$(sed -n 's/==.*//p' constraints-compat-$*.txt | paste -sd'|' -))==" constraints.txt \
+	  > .venv-compat-$*/constraints.txt
+	.venv-compat-$*/bin/pip install -q -c .venv-compat-$*/constraints.txt -c constraints-compat-$*.txt \
+	  -r requirements.txt delta-spark mlxtend pytest pytest-timeout "moto[server]" boto3 psutil \
+	  $(COMPAT_PACKAGES_$*)
+	.venv-compat-$*/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-jars/compat/delta/.done:
-	mkdir -p jars/compat/delta
-	for a in $(COMPAT_DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/compat/delta || exit 1; done
+jars/compat-%/delta/.done:
+	mkdir -p jars/compat-$*/delta
+	for a in $(COMPAT_DELTA_JARS_$*); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/compat-$*/delta || exit 1; done
 	touch $@
 
-test-compat: $(COMPAT_VENV)/.installed jars/compat/delta/.done
-	$(COMPAT_BIN)/pip freeze | grep -i -E '^(pyspark|py4j|delta[-_]spark|pyarrow|numpy|pandas|tensorflow|mlflow)=='
-	IMAGEIQ_JARS_DIR=$(abspath jars/compat) PYSPARK_PYTHON=$(abspath $(COMPAT_BIN)/python) \
-	  PYSPARK_DRIVER_PYTHON=$(abspath $(COMPAT_BIN)/python) \
-	  $(COMPAT_BIN)/pytest -m "not slow" --timeout=900 --durations=10 $(COMPAT_TESTS)
+test-compat: $(addprefix test-compat-,$(COMPAT_LINES))
+
+test-compat-%: .venv-compat-%/.installed jars/compat-%/delta/.done
+	.venv-compat-$*/bin/pip freeze | grep -i -E '^(pyspark|py4j|delta[-_]spark|pyarrow|numpy|pandas|tensorflow|mlflow|petastorm)=='
+	IMAGEIQ_JARS_DIR=$(abspath jars/compat-$*) IMAGEIQ_TEST_TRAIN_READER=$(COMPAT_READER_$*) \
+	  PYSPARK_PYTHON=$(abspath .venv-compat-$*/bin/python) PYSPARK_DRIVER_PYTHON=$(abspath .venv-compat-$*/bin/python) \
+	  .venv-compat-$*/bin/pytest -m "not slow" --timeout=900 --durations=10 $(COMPAT_TESTS)
 
 demo: install jars
 	$(BIN)/imageiq sample-data $(SAMPLE)

@@ -236,9 +236,10 @@ class TrainConfig(_Section):
     learning_rate: PositiveFloat = 0.001
     #: Epochs without validation-loss improvement before stopping.
     patience: PositiveInt = 5
-    #: `petastorm` or `arrow` (pyarrow.dataset -> tf.data). Petastorm reads its cache from a file
-    #: system only (local, NFS, /dbfs, hdfs://); `arrow` also reads it from s3a:// object storage.
-    reader: Literal["petastorm", "arrow"] = "petastorm"
+    #: `arrow` (pyarrow.dataset -> tf.data; reads the cache from any file system or s3a:// object
+    #: storage) or `petastorm` (needs the `[petastorm]` extra, which needs pyarrow <= 14; reads its
+    #: cache from a file system only: local, NFS, /dbfs, hdfs://).
+    reader: Literal["arrow", "petastorm"] = "arrow"
     #: Where a training run materialises its splits for the reader (removed afterwards); empty
     #: means `<storage.root>/cache/train`. Every training worker must reach it.
     cache_uri: str = ""

@@ -1,11 +1,13 @@
-"""Prepared tensors -> `tf.data`: a Petastorm reader and a native Arrow reader, one interface.
+"""Prepared tensors -> `tf.data`: the Arrow reader (default) and Petastorm (extra), one interface.
 
 `materialize(...)` writes a split's `tensor` and `label_index` columns once as Parquet under
-`<storage.root>/cache/train/` and returns a picklable `SplitSource`; `SplitSource.open(...)` gives
-a `tf.data.Dataset` of (uint8 [n, h, w, c], int32 [n]) batches for one shard, so Spark barrier
-tasks each read their own. Petastorm (`train.reader: petastorm`) reads through
-`make_spark_converter`; the Arrow reader (`arrow`) reads the same files with `pyarrow.dataset`,
-a tested path beside Petastorm, which is pinned to pyarrow <= 14 and inactive upstream.
+`<storage.root>/cache/train/` (or `train.cache_uri`) and returns a picklable `SplitSource`;
+`SplitSource.open(...)` gives a `tf.data.Dataset` of (uint8 [n, h, w, c], int32 [n]) batches for
+one shard, so Spark barrier tasks each read their own. The Arrow reader (`train.reader: arrow`)
+reads the files with `pyarrow.dataset` from any file system or object store pyarrow reaches
+(s3a:// directly); each shard reads only its own row groups, in a new order every epoch, through a
+shuffle buffer of `train.shuffle_buffer` rows. Petastorm (`petastorm`, the `[petastorm]` extra)
+reads through `make_spark_converter`; it needs pyarrow <= 14 and is inactive upstream.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
+import itertools  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -102,39 +106,61 @@ class SplitSource:
         size = int(np.prod(self.shape))
 
         def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            yield from arrow_batches(uri, size, shard_index, shard_count)
+            yield from arrow_batches(uri, size, shard_index, shard_count,
+                                     epochs=None if repeat else 1,
+                                     seed=seed if shuffle_buffer else None)
 
         signature = (
             tf.TensorSpec(shape=(None,), dtype=tf.string),
             tf.TensorSpec(shape=(None,), dtype=tf.int32),
         )
         rows = tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
-        if repeat:
-            rows = rows.repeat()
         return rows.shuffle(shuffle_buffer, seed=seed) if shuffle_buffer else rows
 
 
-def arrow_batches(uri: str, row_size: int, shard_index: int = 0, shard_count: int = 1
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tensor bytes [n], label_index [n]) record batches of one shard (rows i % count == index)."""
+def shard_row_groups(uri: str, shard_index: int = 0, shard_count: int = 1
+                     ) -> tuple[list[Any], int, int]:
+    """This shard's Parquet row groups of the split, every shard-th one counted over all files,
+    with (row index, row count) 0, 1. A split of fewer row groups than shards (a tiny val split)
+    is read whole by every shard, which keeps rows i % row count == row index instead."""
     import pyarrow.dataset as ds
 
     filesystem, path = storage.filesystem(uri)
     dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
-    offset = 0
-    for batch in dataset.to_batches(columns=COLUMNS, batch_size=1024):
-        n = batch.num_rows
-        keep = (np.arange(offset, offset + n) % shard_count) == shard_index
-        offset += n
-        tensors = batch.column(0).to_numpy(zero_copy_only=False)
-        labels = batch.column(1).to_numpy(zero_copy_only=False).astype("int32")
-        bad = [i for i, t in enumerate(tensors) if t is None or len(t) != row_size]
-        if bad:
-            raise ValueError(
-                f"prepared tensor of {len(tensors[bad[0]] or b'')} bytes where {row_size} were "
-                "expected; rerun `imageiq preprocess` so every tensor has the configured size"
-            )
-        yield tensors[keep], labels[keep]
+    groups = [group for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path)
+              for group in fragment.split_by_row_group()]
+    if len(groups) < shard_count:
+        return groups, shard_index, shard_count
+    return groups[shard_index::shard_count], 0, 1
+
+
+def arrow_batches(uri: str, row_size: int, shard_index: int = 0, shard_count: int = 1, *,
+                  epochs: int | None = 1, seed: int | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tensor bytes [n], label_index [n]) record batches of one shard, reading only its own row
+    groups; `epochs` None repeats forever; a `seed` visits the row groups in a new order each
+    epoch (the rows within are mixed by the caller's bounded shuffle buffer)."""
+    import pyarrow.compute as pc
+
+    groups, row_index, row_count = shard_row_groups(uri, shard_index, shard_count)
+    rng = np.random.default_rng(seed)
+    for _ in itertools.count() if epochs is None else range(epochs):
+        shuffled = seed is not None and row_count == 1
+        order = rng.permutation(len(groups)) if shuffled else range(len(groups))
+        offset = 0
+        for i in order:
+            for batch in groups[i].to_batches(columns=COLUMNS, batch_size=1024):
+                tensors, labels = batch.column(0), batch.column(1)
+                wrong = pc.invert(pc.equal(pc.binary_length(tensors), row_size))
+                if tensors.null_count or pc.any(wrong).as_py():
+                    raise ValueError(
+                        "prepared tensor of another size than the configured "
+                        f"{row_size} bytes; rerun `imageiq preprocess` so every tensor has it"
+                    )
+                keep = np.arange(offset, offset + batch.num_rows) % row_count == row_index
+                offset += batch.num_rows
+                yield (tensors.to_numpy(zero_copy_only=False)[keep],
+                       labels.to_numpy(zero_copy_only=False).astype("int32")[keep])
 
 
 def augmenter(augment: AugmentConfig, shape: tuple[int, int, int], seed: int | None):
@@ -173,10 +199,19 @@ def cache_root(config: Config) -> str:
 
 
 def check_reader(config: Config) -> None:
-    """Petastorm 0.13 reads object storage only through s3fs, with which pyarrow 14 fails
-    ("Keyword 'validate_schema' is not yet supported"): catch that before any work is done."""
+    """`train.reader: petastorm` needs the `[petastorm]` extra, and Petastorm 0.13 reads object
+    storage only through s3fs, with which pyarrow 14 fails ("Keyword 'validate_schema' is not yet
+    supported"): catch both before any work is done."""
+    if config.train.reader != "petastorm":
+        return
+    if importlib.util.find_spec("petastorm") is None:
+        raise ConfigError(
+            "config key 'train.reader' is 'petastorm', but the petastorm package is not installed; "
+            "set train.reader: arrow (the default), or install the extra: "
+            "pip install 'imageiq-spark[petastorm]' (it needs pyarrow <= 14, so Spark <= 4.0)"
+        )
     root = cache_root(config)
-    if config.train.reader == "petastorm" and urlparse(root).scheme in storage.OBJECT_STORE_SCHEMES:
+    if urlparse(root).scheme in storage.OBJECT_STORE_SCHEMES:
         raise ConfigError(
             f"config key 'train.reader' is 'petastorm', which cannot read its training cache from "
             f"object storage ('{root}'); set train.reader: arrow (reads s3a:// directly), or "

@@ -30,12 +30,17 @@ TEST_SPARK_CONF = {
 }
 
 
+#: `make test-compat` runs the training tests of the Spark 3.5 line with the Petastorm reader.
+TRAIN_READER = os.environ.get("IMAGEIQ_TEST_TRAIN_READER", "arrow")
+
+
 def make_config(root: Path, **sections: dict) -> Config:
     """A Config with its own lakehouse under `root` and a database no other test uses."""
     data: dict = {
         "storage": {"root": str(root / "lake")},
         "catalog": {"database": f"t_{uuid.uuid4().hex[:10]}"},
         "spark_conf": dict(TEST_SPARK_CONF),
+        "train": {"reader": TRAIN_READER},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
