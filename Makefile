@@ -1,6 +1,7 @@
 # One-command set-up: every target that needs them builds the venv and fetches the Spark jars.
 PYTHON ?= python3
 VENV := .venv
+COMMA := ,
 BIN := $(VENV)/bin
 MVN := mvn -q -B org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy -Dtransitive=false
 # Resolved one by one, not transitively: transitive copies clash with pyspark's own jars (DESIGN.md).
@@ -72,7 +73,7 @@ COMPAT_TESTS := tests/test_ingest.py tests/test_preprocess.py tests/test_score.p
 .venv-compat-%/.installed: requirements.txt constraints.txt constraints-compat-%.txt setup.py
 	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
 	.venv-compat-$*/bin/pip install -q --upgrade pip
-	grep -v -i -E "^($$(sed -n 's/==.*//p' constraints-compat-$*.txt | paste -sd'|' -))==" constraints.txt \
+	grep -v -i -E "^($$(sed -n 's/==.*//p' constraints-compat-$*.txt | sed 's/[-_.]/[-_.]/g' | paste -sd'|' -))==" constraints.txt \
 	  > .venv-compat-$*/constraints.txt
 	.venv-compat-$*/bin/pip install -q -c .venv-compat-$*/constraints.txt -c constraints-compat-$*.txt \
 	  -r requirements.txt delta-spark mlxtend pytest pytest-timeout "moto[server]" boto3 psutil \
@@ -114,7 +115,10 @@ lint: install
 # The project wheel, and the packed environment that spark-submit ships to a cluster with
 # `--archives dist/imageiq-env.tar.gz#environment` (TensorFlow and OpenCV hold native code, which
 # --py-files cannot carry). For EMR (python at /usr/bin/python3.11): make pack PACK_PYTHON_PREFIX=/usr
+# CUDA=1 adds TensorFlow's CUDA libraries (the [cuda] extra, tensorflow[and-cuda]) to the packed
+# environment and the image, for GPU executors and serving pods.
 PACK_PYTHON_PREFIX ?=
+CUDA ?=
 PACK_VENV := build/pack-venv
 wheel: install
 	rm -rf build/lib build/bdist.* dist/imageiq_spark-*.whl
@@ -123,7 +127,7 @@ wheel: install
 pack: wheel
 	rm -rf $(PACK_VENV) dist/imageiq-env.tar.gz
 	$$($(BIN)/python -c 'import sys; print(sys._base_executable)') -m venv $(PACK_VENV)
-	$(PACK_VENV)/bin/pip install -q -c constraints.txt "$$(ls dist/imageiq_spark-*.whl)[local]"
+	$(PACK_VENV)/bin/pip install -q -c constraints.txt "$$(ls dist/imageiq_spark-*.whl)[local$(if $(CUDA),$(COMMA)cuda)]"
 	$(BIN)/venv-pack -q --prefix $(PACK_VENV) --output dist/imageiq-env.tar.gz \
 		$(if $(PACK_PYTHON_PREFIX),--python-prefix $(PACK_PYTHON_PREFIX))
 	chmod 644 dist/imageiq-env.tar.gz
@@ -147,7 +151,7 @@ image-base: podman-tools
 
 # A TLS-intercepting proxy's CA bundle (PIP_CERT on the host) is lent to pip during the build only.
 image: jars jars-s3 image-base
-	$(PODMAN) build --network host --build-arg BASE=$(BASE_IMAGE) \
+	$(PODMAN) build --network host --build-arg BASE=$(BASE_IMAGE) --build-arg CUDA=$(CUDA) \
 	  $(if $(PIP_CERT),-v $(PIP_CERT):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) \
 	  -f Containerfile -t $(IMAGE) .
 

@@ -92,3 +92,17 @@ def test_every_runtime_names_its_python_and_spark():
     for runtime in RUNTIMES:
         assert re.fullmatch(r"3\.\d+", runtime_line(runtime, "python"))
         assert re.fullmatch(r"\d+\.\d+\.\d+", runtime_line(runtime, "spark"))
+
+
+def test_the_cuda_extra_resolves_with_the_pinned_stack(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(tmp_path / "report.json"), "-c", str(REPO / "constraints.txt"),
+         "tensorflow[and-cuda]"], capture_output=True, text=True, timeout=600,
+    )
+
+    assert result.returncode == 0, result.stderr
+    installed = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+                 for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert installed["tensorflow"] == "2.21.0"
+    assert any(name.startswith("nvidia-cudnn") for name in installed)
