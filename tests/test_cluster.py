@@ -90,6 +90,7 @@ def table_keys(spark, config: Config):
 def test_run_all_on_separate_executors_with_the_lake_on_s3_and_mlflow_as_a_server(
     spark, tmp_path, s3_server, images_dir, s3_source, tracking_server
 ):
+    """With default settings (no train.reader override): the reader reads its cache from S3."""
     lake = f"s3a://{BUCKET}/lake-{uuid.uuid4().hex[:8]}"
     database = f"c_{uuid.uuid4().hex[:8]}"
     workdir = tmp_path / "cwd"
@@ -102,7 +103,6 @@ def test_run_all_on_separate_executors_with_the_lake_on_s3_and_mlflow_as_a_serve
         "storage.root": lake,
         "catalog.database": database,
         "mlflow.tracking_uri": tracking_server,
-        "train.reader": "arrow",  # Petastorm 0.13 cannot read its cache from s3a:// (readers.py)
         "train.epochs": 2,
         "train.batch_size": 16,
     }
