@@ -38,12 +38,17 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_container_serves_the_registered_model_over_loopback(spark, tmp_path):
+    """As shipped (deploy/k8s/serve-deployment.yaml): its own non-root user, a read-only root file
+    system with a writable /tmp, the lake mounted."""
     config = make_config(tmp_path, mlflow={"registered_model": "digits"})
     register(spark, config, seed=1)
     lake = config.storage.root  # mounted at the same path: the registry stores absolute artifact URIs
+    # The image's user (uid 10001) writes the request log beside the tables.
+    subprocess.run(["chmod", "-R", "a+rwX", lake], check=True)
     port, name = free_port(), f"imageiq-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(
-        ["podman", "run", "-d", "--rm", "--name", name, "--user", "0", "-p", f"127.0.0.1:{port}:8080",
+        ["podman", "run", "-d", "--rm", "--name", name, "--read-only", "--tmpfs", "/tmp",
+         "-p", f"127.0.0.1:{port}:8080",
          "-v", f"{lake}:{lake}", IMAGE, "imageiq", "--set", f"storage.root={lake}",
          "--set", "mlflow.registered_model=digits", "serve", "--host", "0.0.0.0", "--port", "8080"],
         check=True, capture_output=True)
@@ -61,7 +66,9 @@ def test_container_serves_the_registered_model_over_loopback(spark, tmp_path):
         response = requests.post(f"{url}/predict", data=digit, headers={"Content-Type": "image/png"},
                                  timeout=60)
         logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True).stderr
+        user = subprocess.run(["podman", "exec", name, "id", "-u"], capture_output=True, text=True).stdout
         assert response.status_code == 200, logs
+        assert user.strip() == "10001"
     finally:
         subprocess.run(["podman", "stop", "-t", "10", name], capture_output=True)
     classifier = load_classifier("models:/digits/1")
