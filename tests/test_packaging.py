@@ -44,8 +44,11 @@ def test_wheel_holds_the_package_entry_point_requirement_ranges_and_the_pinned_l
     # Requirement objects: the metadata writes a range's bounds in its own order.
     assert [Requirement(r) for r in requires if "extra ==" not in r] == \
         [Requirement(r) for r in _requirements("requirements.txt")]
-    assert [Requirement(r) for r in requires if "extra ==" in r] == \
+    assert [Requirement(r) for r in requires if 'extra == "local"' in r] == \
         [Requirement(f'{r}; extra == "local"') for r in _requirements("requirements-local.txt")]
+    extras = {Requirement(r).name: r.split("extra == ")[1].strip('"') for r in requires
+              if "extra ==" in r and 'extra == "local"' not in r}
+    assert extras == {"petastorm": "petastorm", "mlxtend": "sample", "tensorflow": "cuda"}
     assert "Provides-Extra: local" in metadata
     assert "License: Apache-2.0" in metadata
     assert not any(n.startswith(("tests/", "jobs/", "benchmarks/")) for n in names)
@@ -64,7 +67,38 @@ def test_wheel_installs_into_a_clean_venv_and_imageiq_help_runs(wheel, tmp_path)
         assert command in result.stdout
     # The installed package, not the checkout, answers: run from outside the repository.
     located = subprocess.run([str(env / "bin" / "python"), "-c",
-                              "import imageiq_spark, tensorflow, cv2, petastorm, mlflow, delta; "
+                              "import imageiq_spark, tensorflow, cv2, mlflow, delta; "
                               "print(imageiq_spark.__file__)"],
                              capture_output=True, text=True, check=True, cwd=tmp_path)
     assert located.stdout.strip().startswith(str(env))
+
+
+#: Declared for what they do at run time, not imported: Spark Connect's client (pyspark imports
+#: them), uvicorn's C parser and event loop, and the multipart parser FastAPI's forms use.
+RUNTIME_ONLY = {"grpcio-status", "googleapis-common-protos", "httptools", "uvloop", "python-multipart"}
+
+
+def test_the_package_declares_every_package_it_imports_and_nothing_else():
+    import ast
+    import importlib.metadata
+
+    imported: set[str] = set()
+    for path in (REPO / "imageiq_spark").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    def normal(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    extras = {"delta": "delta-spark", "petastorm": "petastorm", "mlxtend": "mlxtend"}
+    declared = {normal(Requirement(r).name) for r in _requirements("requirements.txt")} | set(extras.values())
+    distributions = importlib.metadata.packages_distributions()
+    third_party = imported - set(sys.stdlib_module_names) - {"imageiq_spark"}
+    # A module several distributions provide (mlflow: mlflow, mlflow-skinny) needs one of them.
+    needed = {extras.get(m) or next((normal(d) for d in distributions[m] if normal(d) in declared),
+                                    normal(distributions[m][0])) for m in third_party}
+
+    assert needed - declared == set()
+    assert declared - needed - RUNTIME_ONLY == set()
