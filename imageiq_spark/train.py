@@ -220,6 +220,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state.save(self.directory)
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """One line on standard error per epoch, so a long training run shows where it is."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.started = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items())
+        log.info("train: epoch %d/%d: %s (%.1f s)", epoch + 1, self.epochs, metrics,
+                 time.monotonic() - self.started)
+
+
 def _save_weights(model: Any, directory: str, name: str) -> None:
     """Keras writes weights to a local file only; `directory` may be in object storage."""
     with tempfile.TemporaryDirectory(prefix="imageiq-weights-") as tmp:
@@ -292,7 +309,8 @@ def fit(task: TrainTask, rank: int = 0, callbacks: Sequence[Any] = ()
                 steps_per_epoch=task.steps(task.train.rows),
                 validation_data=val,
                 validation_steps=task.steps(task.val.rows) if task.workers > 1 else None,
-                callbacks=[checkpoint, *callbacks],
+                callbacks=[checkpoint, *([EpochProgress(task.epochs)] if chief else []),
+                           *callbacks],
                 verbose=0,
             )
             steps_run += int(model.optimizer.iterations.numpy()) - steps_before

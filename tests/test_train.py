@@ -263,3 +263,16 @@ def test_the_gate_scores_the_champion_on_the_new_val_images_not_its_old_figure(s
     summary = train.run(spark, config.with_overrides({"train.epochs": 2}))
 
     assert summary.champion_val_accuracy == pytest.approx(current)
+
+
+def test_training_logs_one_progress_line_per_epoch(caplog):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.zeros((8, 2), "float32"), np.zeros(8, "int32")
+
+    with caplog.at_level("INFO", logger="imageiq_spark.train"):
+        model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[train.EpochProgress(2)])
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "imageiq_spark.train"]
+    assert [line.split(":")[1] for line in lines] == [" epoch 1/2", " epoch 2/2"]
+    assert all("loss " in line and "val_accuracy " in line and line.endswith(" s)") for line in lines)
