@@ -153,6 +153,15 @@ def read_answer(sock: socket.socket, sent: int, timeout: float = 30) -> Answer:
         sock.close()
 
 
+def wait_for(sock: socket.socket, events: int, timeout: float) -> int:
+    """The poll events of `sock` among `events` within `timeout` s, 0 if none (select() would
+    refuse the fd numbers above 1024 a test with thousands of sockets uses)."""
+    poller = select.poll()
+    poller.register(sock, events)
+    ready = poller.poll(max(0.0, timeout) * 1000)
+    return ready[0][1] if ready else 0
+
+
 def send_streaming(port: int, request_head: bytes, chunks: Iterable[bytes], timeout: float = 60) -> Answer:
     """Send the head, then the chunks, until the server answers (checked before every send)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -163,10 +172,10 @@ def send_streaming(port: int, request_head: bytes, chunks: Iterable[bytes], time
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
-                readable, writable, _ = select.select([sock], [sock], [], max(0.0, end - time.monotonic()))
-                if readable:
+                ready = wait_for(sock, select.POLLIN | select.POLLOUT, end - time.monotonic())
+                if ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     return read_answer(sock, sent)
-                if not writable:
+                if not ready & select.POLLOUT:
                     raise TimeoutError(f"no answer and no progress after {sent} bytes")
                 try:
                     n = sock.send(view)
@@ -447,7 +456,7 @@ def hostile_load(server: ServerProcess, load: Load) -> tuple[Outcome, int, int]:
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
             sock.sendall(head(port, "/predict", {"Content-Type": "image/png", "Content-Length": "100000"}))
             try:
-                while not stop.is_set() and not select.select([sock], [], [], 0.5)[0]:
+                while not stop.is_set() and not wait_for(sock, select.POLLIN, 0.5):
                     sock.sendall(b"x")
             except OSError:
                 pass
