@@ -313,7 +313,8 @@ class ServeConfig(_Section):
     #: more than this is ever held; a declared `Content-Length` over it is refused unread.
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
     #: Largest image online (width x height), judged from its header before any decode: 422
-    #: `too_many_pixels`. A 50 MP 16-bit RGBA PNG takes about 0.8 GB while it is converted.
+    #: `too_many_pixels`. A 50 MP 16-bit RGBA PNG (2 MiB sent) took 1.5 GB or more while decoded and
+    #: converted; one decode runs per core at once: lower this on a small machine.
     max_pixels: PositiveInt = 50_000_000
     #: Requests handled at once (reading the body, decoding, in the batcher); health probes and
     #: `/metrics` do not count. 0 means 8 per core (of the process's CPU affinity), at least

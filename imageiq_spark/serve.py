@@ -360,7 +360,7 @@ class Server:
         self.batcher = MicroBatcher(serve.max_batch_size, serve.max_wait_ms / 1000,
                                     self.metrics.batch_size.observe, serve.forward_workers,
                                     max_queued=concurrency(serve))
-        #: Decodes at once: one per core (a 50 MP 16-bit image takes ~0.8 GB while converted).
+        #: Decodes at once: one per core (a 50 MP 16-bit RGBA PNG took 1.5 GB or more while converted).
         self._decoder = ThreadPoolExecutor(cores(), thread_name_prefix="imageiq-decode")
         self.request_log = (RequestLog(lake_path(config, "request_log")) if serve.request_log
                             else None)
