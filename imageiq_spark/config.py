@@ -99,6 +99,7 @@ PositiveInt = Annotated[int, _check("a positive integer", lambda v: v > 0)]
 PositiveFloat = Annotated[float, _check("a positive number", lambda v: v > 0)]
 AtLeastOne = Annotated[int, _check("an integer >= 1", lambda v: v >= 1)]
 NonNegative = Annotated[float, _check("a number >= 0", lambda v: v >= 0)]
+NonNegativeInt = Annotated[int, _check("an integer >= 0", lambda v: v >= 0)]
 Probability = Annotated[float, _check("a number between 0 and 1", lambda v: 0 <= v <= 1)]
 Threshold = Annotated[float | None, _check("a number >= 0 or null", lambda v: v is None or v >= 0)]
 Unit = Annotated[float, _check("a number in [0, 1)", lambda v: 0 <= v < 1)]
@@ -308,6 +309,39 @@ class ServeConfig(_Section):
     request_log: bool = False
     #: Seconds between writes of the request log (also written every 1,000 rows and at shutdown).
     request_log_flush_s: PositiveFloat = 10.0
+    #: Largest request body in bytes, on every route and content type (raw image, multipart, v2
+    #: JSON or binary): counted while it streams in and answered 413 as soon as it is passed, so no
+    #: more than this is ever held; a declared `Content-Length` over it is refused unread.
+    max_body_bytes: PositiveInt = 20 * 1024 * 1024
+    #: Largest image online (width x height), judged from its header before any decode: 422
+    #: `too_many_pixels`. A 50 MP 16-bit RGBA PNG (2 MiB sent) took 1.5 GB or more while decoded and
+    #: converted; one decode runs per core at once: lower this on a small machine.
+    max_pixels: PositiveInt = 50_000_000
+    #: Requests handled at once (reading the body, decoding, in the batcher); health probes and
+    #: `/metrics` do not count. 0 means 8 per core (of the process's CPU affinity), at least
+    #: `max_batch_size`. Each may hold up to `max_body_bytes` while its body arrives.
+    max_concurrency: NonNegativeInt = 0
+    #: Requests that wait for a free slot beyond `max_concurrency`; one more is answered 503 with a
+    #: `Retry-After` header at once.
+    max_queue: NonNegativeInt = 64
+    #: Seconds a client has, from its request's admission, to send the whole body: a slower one is
+    #: answered 408 and disconnected.
+    body_timeout_s: PositiveFloat = 60.0
+    #: Seconds a connection has to send a request's headers (from connecting, or from the request's
+    #: first byte on a kept-alive connection): a slower or silent one is closed (408 if it began).
+    header_timeout_s: PositiveFloat = 10.0
+    #: Seconds an idle kept-alive connection stays open after an answer (uvicorn's keep-alive).
+    keep_alive_s: PositiveFloat = 5.0
+    #: File holding the bearer token every route but the health probes requires (`Authorization:
+    #: Bearer <token>`); empty takes the environment variable `IMAGEIQ_SERVE_TOKEN`, and without
+    #: either the server is open. The token is never logged.
+    auth_token_file: str = ""
+    #: `/metrics` answers without the token (for a scraper that cannot send one).
+    metrics_public: bool = False
+    #: PEM certificate (chain) for HTTPS, passed to uvicorn; empty serves plain HTTP.
+    ssl_certfile: str = ""
+    #: PEM private key of `ssl_certfile`.
+    ssl_keyfile: str = ""
 
 
 class ThresholdsConfig(_Section):

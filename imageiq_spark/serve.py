@@ -17,8 +17,11 @@ label, confidence and top-k with score's `top_classes` ranking, so online and ba
 - Readiness is false until the model is loaded and warmed. With an alias URI the registry is
   polled; a new version is loaded and warmed beside the old one, then swapped in by one
   assignment: requests already decoded finish on the model they started with.
-- Bad input: ingest's reason codes (`probe`) and the transform's; 413 over `ingest.max_bytes`,
-  422 for anything else, judged before any full decode where the header allows.
+- Bad input: ingest's reason codes (`probe`) and the transform's, 422, judged before any full
+  decode where the header allows (`serve.max_pixels`); decodes run on one thread per core.
+- Network limits (`serve_limits`): bearer token, body size and time limits enforced while the
+  body streams in, admission with a bounded queue (503), header deadline; multipart is parsed as
+  it streams, never spooled to disk.
 - `/metrics`: Prometheus text; optional request log: Parquet files under
   `<storage.root>/request_log/request_date=YYYY-MM-DD/` that `spark.read.parquet` reads.
 """
@@ -32,7 +35,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -48,13 +50,22 @@ import numpy as np
 import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from imageiq_spark import probe, tracking, transform
 from imageiq_spark.config import Config
 from imageiq_spark.lakehouse import lake_path
 from imageiq_spark.score import prediction_rows
+from imageiq_spark.serve_limits import (
+    BadInput,
+    Guard,
+    concurrency,
+    cores,
+    guarded_protocol,
+    read_multipart,
+    read_token,
+    refusal,
+)
 
 if TYPE_CHECKING:
     from imageiq_spark.classifier import ImageClassifier
@@ -67,16 +78,6 @@ BINARY_HEADER = "inference-header-content-length"
 REQUEST_LOG_ROWS = 1000
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class BadInput(Exception):
-    """A request the server refuses: HTTP `status`, a short `reason` code and a `detail`."""
-
-    def __init__(self, status: int, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.status = status
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def share_cores(workers: int) -> None:
 
     tf = import_quietly("tensorflow")
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores() // workers))
         tf.config.threading.set_inter_op_parallelism_threads(workers)
     except RuntimeError:  # TensorFlow already ran in this process (a test): it keeps its threads
         log.debug("TensorFlow threads already set")
@@ -118,14 +119,11 @@ def load_model(config: Config, name: str, version: str, run_id: str) -> ServedMo
     return ServedModel(classifier, name, version, run_id)
 
 
-def prepare(contents: list[bytes], spec: transform.TransformSpec, max_bytes: int,
-            max_pixels: int) -> np.ndarray:
-    """Encoded images -> the model's uint8 tensors; the first bad one raises BadInput."""
+def prepare(contents: list[bytes], spec: transform.TransformSpec, max_pixels: int) -> np.ndarray:
+    """Encoded images -> the model's uint8 tensors; the first bad one raises BadInput. (Bytes
+    need no check here: the request body that held them was within serve.max_body_bytes.)"""
     for index, data in enumerate(contents):
         where = f"image {index}: " if len(contents) > 1 else ""
-        if len(data) > max_bytes:
-            raise BadInput(413, probe.TOO_LARGE,
-                           f"{where}{len(data)} bytes > ingest.max_bytes {max_bytes}")
         try:
             probe.probe(data, max_pixels)  # a decompression bomb is refused from its header
         except probe.ProbeError as exc:
@@ -146,10 +144,11 @@ class _Job:
 
 
 class MicroBatcher:
-    """One queue; `workers` threads beside the event loop, each running one gathered batch."""
+    """One queue of at most `max_queued` requests (admission keeps it below that; one more is
+    refused with 503); `workers` threads beside the event loop, each running one gathered batch."""
 
     def __init__(self, max_batch: int, max_wait_s: float, observe: Callable[[int], None],
-                 workers: int = 1) -> None:
+                 workers: int = 1, max_queued: int = 0) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.observe = observe
@@ -163,13 +162,17 @@ class MicroBatcher:
         self.active = 0
         self._peaks = [0, 0]
         self._peak_second = 0
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_queued)
         self._held: _Job | None = None
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="imageiq-forward")
 
     async def predict(self, model: ServedModel, tensors: np.ndarray) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(model, tensors, future))
+        try:
+            self._queue.put_nowait(_Job(model, tensors, future))
+        except asyncio.QueueFull:
+            raise BadInput(503, "overloaded", f"{self._queue.maxsize} requests wait for the "
+                           "model; retry shortly") from None
         return await future
 
     def entered(self, images: int) -> None:
@@ -355,7 +358,10 @@ class Server:
         self.metrics = Metrics()
         serve = config.serve
         self.batcher = MicroBatcher(serve.max_batch_size, serve.max_wait_ms / 1000,
-                                    self.metrics.batch_size.observe, serve.forward_workers)
+                                    self.metrics.batch_size.observe, serve.forward_workers,
+                                    max_queued=concurrency(serve))
+        #: Decodes at once: one per core (a 50 MP 16-bit RGBA PNG took 1.5 GB or more while converted).
+        self._decoder = ThreadPoolExecutor(cores(), thread_name_prefix="imageiq-decode")
         self.request_log = (RequestLog(lake_path(config, "request_log")) if serve.request_log
                             else None)
         self.failed: BaseException | None = None
@@ -376,6 +382,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.batcher.close()
+        self._decoder.shutdown(wait=False)
         if self.request_log is not None:
             await asyncio.to_thread(self.request_log.flush)
 
@@ -450,11 +457,10 @@ class Server:
 
     async def _forward(self, model: ServedModel, contents: list[bytes]) -> np.ndarray:
         """Decode beside the event loop, then join the next batch."""
-        ingest = self.config.ingest
         self.batcher.decoding += 1
         try:
-            tensors = await asyncio.to_thread(prepare, contents, model.classifier.spec,
-                                              ingest.max_bytes, ingest.max_pixels)
+            tensors = await asyncio.get_running_loop().run_in_executor(
+                self._decoder, prepare, contents, model.classifier.spec, self.config.serve.max_pixels)
         except BadInput as exc:
             self.metrics.images.labels(exc.reason).inc(len(contents))
             raise
@@ -463,18 +469,9 @@ class Server:
         return await self.batcher.predict(model, tensors)
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BadInput(413, probe.TOO_LARGE, f"{declared} bytes > ingest.max_bytes {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadInput(413, probe.TOO_LARGE, f"more than {limit} bytes (ingest.max_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The request body (its size and time limits are the Guard's, applied as it streams in)."""
+    return b"".join([chunk async for chunk in request.stream()])
 
 
 def bytes_elements(raw: bytes) -> list[bytes]:
@@ -562,11 +559,18 @@ def model_metadata(model: ServedModel) -> dict[str, Any]:
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request by its route template (not the raw path)."""
+    """Counts and times every HTTP request by its route template (not the raw path), those the
+    Guard refused before routing included."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: list[Any]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+
+    def route_of(self, scope: dict[str, Any]) -> str:
+        route = scope.get("route") or next(
+            (r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", "unmatched")
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
@@ -585,8 +589,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", "unmatched")
+            name = self.route_of(scope)
             self.metrics.requests.labels(name, scope["method"], str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
@@ -595,6 +598,7 @@ def create_app(config: Config, model_uri: str, on_failure: Callable[[], None] = 
                ) -> tuple[Any, Server]:
     """The ASGI application serving `model_uri`, and its state; the model loads when it starts."""
     server = Server(config, model_uri)
+    token = read_token(config.serve)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -609,8 +613,7 @@ def create_app(config: Config, model_uri: str, on_failure: Callable[[], None] = 
 
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse({"error": exc.reason, "detail": exc.detail}, exc.status, headers=headers)
+        return refusal(exc)
 
     def model_named(name: str, version: str | None = None) -> ServedModel:
         model = server.ready_model()
@@ -627,31 +630,18 @@ def create_app(config: Config, model_uri: str, on_failure: Callable[[], None] = 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").lower()
-        max_bytes = config.ingest.max_bytes
         if content_type.startswith("multipart/form-data"):
-            limit = config.serve.max_images_per_request
-            try:
-                form = await request.form(max_files=limit)
-            except HTTPException as exc:  # starlette's refusal of a malformed or too large form
-                too_many = "Too many files" in str(exc.detail)
-                raise BadInput(413 if too_many else 422, "too_many_images" if too_many else "bad_request",
-                               f"{exc.detail} (serve.max_images_per_request {limit})" if too_many
-                               else str(exc.detail)) from exc
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            for upload in files:
-                if upload.size is not None and upload.size > max_bytes:
-                    raise BadInput(413, probe.TOO_LARGE, f"file '{upload.filename}': {upload.size} "
-                                   f"bytes > ingest.max_bytes {max_bytes}")
-            contents = [await upload.read() for upload in files]
-            _, rows, _ = await server.recognise(contents, "/predict")
-            for row, upload in zip(rows, files):
-                row["filename"] = upload.filename
+            files = await read_multipart(request.stream(), request.headers["content-type"],
+                                         config.serve.max_images_per_request)
+            _, rows, _ = await server.recognise([data for _, data in files], "/predict")
+            for row, (filename, _) in zip(rows, files):
+                row["filename"] = filename
             return JSONResponse({"predictions": rows})
         if not content_type.startswith(RAW_TYPES):
             raise BadInput(415, "unsupported_media_type",
                            f"Content-Type {content_type or 'none'}; send the image bytes as image/* "
                            "or application/octet-stream, or files as multipart/form-data")
-        _, rows, _ = await server.recognise([await read_body(request, max_bytes)], "/predict")
+        _, rows, _ = await server.recognise([await read_body(request)], "/predict")
         return JSONResponse(rows[0])
 
     @app.get("/model")
@@ -690,8 +680,7 @@ def create_app(config: Config, model_uri: str, on_failure: Callable[[], None] = 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> JSONResponse:
         model_named(name, version)
-        limit = (config.ingest.max_bytes + 64) * config.serve.max_images_per_request * 4 // 3
-        body = await read_body(request, limit)
+        body = await read_body(request)
         header_length = request.headers.get(BINARY_HEADER)
         split = int(header_length) if header_length and header_length.isdigit() else len(body)
         try:
@@ -708,7 +697,7 @@ def create_app(config: Config, model_uri: str, on_failure: Callable[[], None] = 
         body, media_type = server.metrics.render()
         return Response(body, media_type=media_type)
 
-    return MetricsMiddleware(app, server.metrics), server
+    return MetricsMiddleware(Guard(app, config.serve, token), server.metrics, app.router.routes), server
 
 
 def run(config: Config, model_uri: str | None = None, host: str | None = None,
@@ -721,9 +710,12 @@ def run(config: Config, model_uri: str | None = None, host: str | None = None,
     share_cores(config.serve.forward_workers)
     holder: dict[str, Any] = {}
     app, server = create_app(config, uri, on_failure=lambda: setattr(holder["server"], "should_exit", True))
+    serve = config.serve
     holder["server"] = uvicorn.Server(uvicorn.Config(
-        app, host=host or config.serve.host, port=config.serve.port if port is None else port,
-        log_level="info", access_log=False, lifespan="on", timeout_graceful_shutdown=30))
+        app, host=host or serve.host, port=serve.port if port is None else port,
+        log_level="info", access_log=False, lifespan="on", timeout_graceful_shutdown=30,
+        http=guarded_protocol(serve.header_timeout_s), timeout_keep_alive=serve.keep_alive_s,
+        ssl_certfile=serve.ssl_certfile or None, ssl_keyfile=serve.ssl_keyfile or None))
     holder["server"].run()
     if server.failed is not None:
         raise RuntimeError(f"could not load {uri}: {server.failed}") from server.failed

@@ -51,7 +51,8 @@ class ServerProcess:
     """`imageiq --conf FILE serve --port P` in a subprocess. From its start a thread records the
     (live, ready) status codes it answers until it is ready, in `readiness`."""
 
-    def __init__(self, root: Path, config, *args: str, timeout: float = 180) -> None:
+    def __init__(self, root: Path, config, *args: str, timeout: float = 180,
+                 env: dict[str, str] | None = None) -> None:
         conf = root / f"serve-{uuid.uuid4().hex[:6]}.yaml"
         conf.write_text(yaml.safe_dump(to_dict(config)))
         self.port = free_port()
@@ -60,7 +61,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [str(IMAGEIQ), "--conf", str(conf), "serve", "--port", str(self.port), *args],
             cwd=root, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"),
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"},
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",
+                 **(env or {})},
         )
         self.readiness: list[tuple[int, int]] = []
         self._watcher = threading.Thread(target=self._watch, args=(timeout,), daemon=True)
@@ -134,7 +136,8 @@ def lake(spark, tmp_path_factory):
         root, ingest={"source": str(source), "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS},
         mlflow={"registered_model": f"serve_{uuid.uuid4().hex[:8]}"},
         serve={"alias_poll_s": 0.5, "request_log": True, "request_log_flush_s": 0.5,
-               "max_images_per_request": 8, "max_batch_size": 8, "max_wait_ms": 20},
+               "max_images_per_request": 8, "max_batch_size": 8, "max_wait_ms": 20,
+               "max_body_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS},
     )
     register(spark, config, seed=1)
     server = ServerProcess(root, config)
