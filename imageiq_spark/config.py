@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -104,6 +105,10 @@ Threshold = Annotated[float | None, _check("a number >= 0 or null", lambda v: v 
 Unit = Annotated[float, _check("a number in [0, 1)", lambda v: 0 <= v < 1)]
 ImageSize = Annotated[list[int], _check("[height, width] of two positive integers",
                                         lambda v: v == [] or (len(v) == 2 and min(v) > 0))]
+#: Names that go into SQL (backquoted): plain identifiers only, so no value can end the quote.
+_IDENTIFIER = "[A-Za-z_][A-Za-z0-9_]*"
+Identifier = Annotated[str, _check(f"an SQL identifier matching ^{_IDENTIFIER}$",
+                                   lambda v: re.fullmatch(_IDENTIFIER, v) is not None)]
 ResizePolicyName = _one_of(_resize_policies)
 ArchitectureName = _one_of(_architectures)
 SparkConf = Annotated[dict[str, str], BeforeValidator(_strings)]
@@ -119,12 +124,14 @@ class StorageConfig(_Section):
 
 
 class CatalogConfig(_Section):
-    #: Database (schema) holding the tables.
-    database: str = "imageiq"
+    #: Database (schema) holding the tables: letters, digits and `_`, not starting with a digit.
+    database: Identifier = "imageiq"
     #: Catalog of a persistent metastore that registers the tables as external Delta tables at their
     #: locations, named `<name>.<database>.<table>` everywhere: `spark_catalog` (Hive metastore, Glue),
     #: a Unity Catalog name (`main`). Empty (the default) registers them in the session's catalog only.
-    name: str = ""
+    #: Letters, digits and `_`, as `database`.
+    name: Annotated[str, _check(f"empty or an SQL identifier matching ^{_IDENTIFIER}$",
+                                lambda v: v == "" or re.fullmatch(_IDENTIFIER, v) is not None)] = ""
 
 
 class IngestConfig(_Section):
