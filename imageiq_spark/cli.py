@@ -263,8 +263,16 @@ def _text(value: Any) -> str:
 
 
 def print_rows(df: Any, fmt: str) -> None:
+    from pyspark.sql.types import TimestampType
+
+    from imageiq_spark.clock import as_utc
+
     columns = df.columns
+    # Spark gives a TIMESTAMP as naive local time: shown in UTC, with its offset, on any machine.
+    instants = [f.name for f in df.schema.fields if isinstance(f.dataType, TimestampType)]
     rows = [row.asDict(recursive=True) for row in df.toLocalIterator()]
+    for row in rows:
+        row.update({c: as_utc(row[c]) for c in instants if row[c] is not None})
     out = sys.stdout
     if fmt == "json":
         for row in rows:

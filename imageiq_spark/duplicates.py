@@ -27,7 +27,6 @@ brought to the new components by one MERGE (update, insert, delete what left).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 import uuid
@@ -46,6 +45,7 @@ from pyspark.sql.types import (
 )
 
 from imageiq_spark import lakehouse, phash
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import deal, spread, to_arrow
@@ -338,7 +338,7 @@ def write_clusters(spark: SparkSession, config: Config, clusters: dict[str, str]
     sizes: dict[str, int] = {}
     for cluster in clusters.values():
         sizes[cluster] = sizes.get(cluster, 0) + 1
-    now = datetime.datetime.now()
+    now = utc_now()
     rows = spark.createDataFrame(
         [(image, cluster, sizes[cluster], now) for image, cluster in sorted(clusters.items())],
         CLUSTERS_SCHEMA,
@@ -374,7 +374,7 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     if vectors is not None:
         found["embedding"] = cosine_pairs(spark, vectors, settings.min_similarity).select(
             "image_id_a", "image_id_b", (1.0 - F.col("similarity")).alias("distance"))
-    found_at = datetime.datetime.now()
+    found_at = utc_now()
     tiers = [pairs.select("image_id_a", "image_id_b", F.lit(tier).alias("tier"), "distance",
                           F.lit(found_at).alias("found_at")) for tier, pairs in found.items()]
     rows = tiers[0]
