@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from imageiq_spark.redact import redact_settings
+
 DEFAULT_CONF_PATH = "conf/local.yaml"
 
 
@@ -447,19 +449,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-#: Parts of a Spark key whose value is a credential (fs.s3a.secret.key, ...access.key, ...password).
-SECRET_KEY_PARTS = ("secret", "password", "token", "access.key", "credential")
-
-
 def loggable_params(config: Config) -> dict[str, str]:
-    """The whole resolved config as flat string params for MLflow, credentials redacted."""
+    """The whole resolved config as flat string params for MLflow, credentials redacted
+    (`redact`: secret-named `spark_conf` keys, passwords in URIs, token parameters)."""
     data = to_dict(config)
-    data["spark_conf"] = {
-        key: "***" if any(part in key.lower() for part in SECRET_KEY_PARTS) else value
-        for key, value in data["spark_conf"].items()
-    }
-    return {key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            for key, value in flatten(data).items()}
+    data["spark_conf"] = redact_settings(data["spark_conf"])
+    return redact_settings({key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                            for key, value in flatten(data).items()})
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -693,7 +693,7 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     import mlflow
 
     from imageiq_spark.storage import write_bytes
-    from imageiq_spark.tracking import configure_mlflow
+    from imageiq_spark.tracking import configure_mlflow, redact_run_tags
 
     picture = "drift.png"
     png = plot_drift(baseline, window, f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
@@ -706,6 +706,7 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     with mlflow.start_run(run_name=f"monitor {start:%Y-%m-%d %H:%M}",
                           tags={"imageiq.stage": "monitor", "model_version": model.version}), \
             TemporaryDirectory() as tmp:
+        redact_run_tags(mlflow.active_run().info.run_id)
         mlflow.log_metrics({k: v for k, v in summary.latest.items() if np.isfinite(v)})
         (Path(tmp) / picture).write_bytes(png)
         (Path(tmp) / "report.md").write_text(text)

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark import quiet
 from imageiq_spark.config import Config
+from imageiq_spark.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def connect_session(config: Config, remote: str, app_name: str) -> SparkSession:
     builder = SparkSession.builder.remote(remote).appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)
-    log.info("Spark Connect session: %s", remote)
+    log.info("Spark Connect session: %s", redact(remote))  # sc://...;token=
     with warnings.catch_warnings():
         if remote.startswith("local"):
             # The server started with every setting; pyspark then sets them again on the session,
