@@ -46,6 +46,7 @@ jars/s3/.done:
 test: install jars jars-s3 browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow" --timeout=900 --durations=25
+	TZ=America/New_York $(BIN)/pytest -m "tz and not slow" --timeout=900
 
 test-all: install jars jars-s3 browser
 	$(BIN)/pytest --timeout=1800

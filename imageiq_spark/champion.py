@@ -12,13 +12,13 @@ to decide. Each decision lands in `champion_decisions` (one row per split) and o
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark import lakehouse
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.tables import schema
 
@@ -119,7 +119,7 @@ def record(spark: SparkSession, config: Config, name: str, version: str, decisio
     """One `champion_decisions` row per split, and the figures on the new version's MLflow run."""
     import mlflow
 
-    decided_at = datetime.datetime.now()
+    decided_at = utc_now()
     rows = [(name, version, decision.champion_version, split, images, accuracy,
              None if decision.champion is None else decision.champion.get(split, (None, 0))[0],
              config.train.promote_margin, config.train.promote_min_accuracy,

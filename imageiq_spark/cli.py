@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from imageiq_spark.config import DEFAULT_CONF_PATH, Config, ConfigError, load_config
+from imageiq_spark.redact import RedactingFormatter, redact
 
 log = logging.getLogger("imageiq_spark")
 
@@ -115,7 +116,7 @@ def configure_logging(verbose: bool = False) -> None:
     quiet.quiet_driver()
     level = os.environ.get("IMAGEIQ_LOG_LEVEL", "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -133,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_where(args.conf, config)
         return run_command(args, config)
     except ConfigError as exc:
-        print(f"imageiq: error: {exc}", file=sys.stderr)
+        print(f"imageiq: error: {redact(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imageiq: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the CLI's contract: any other failure exits 1 with its cause
         log.debug("failure", exc_info=True)
-        print(f"imageiq: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"imageiq: {args.command} failed: {type(exc).__name__}: {redact(exc)}", file=sys.stderr)
         return 1
 
 
@@ -151,7 +152,7 @@ def log_where(conf: str | None, config: Config) -> None:
 
     path = conf or (DEFAULT_CONF_PATH if Path(DEFAULT_CONF_PATH).is_file() else None)
     source = str(Path(path).resolve()) if path else "none (built-in defaults)"
-    log.info("config file: %s; storage.root: %s", source, storage_uri(config.storage.root))
+    log.info("config file: %s; storage.root: %s", source, redact(storage_uri(config.storage.root)))
 
 
 def run_command(args: argparse.Namespace, config: Config) -> int:
@@ -236,8 +237,8 @@ def run_stage(spark: Any, config: Config, stage: str, exit_code: Callable[[Any],
     summary = record_run(spark, config, stage, action, exit_code)
     log.info("%s: done in %.1f s", stage, time.monotonic() - started)
     print(f"== {stage}")
-    for line in summary.lines():
-        print(line)
+    for line in summary.lines():  # a report may name a source or store URI
+        print(redact(line))
     sys.stdout.flush()
     return summary
 
@@ -263,8 +264,16 @@ def _text(value: Any) -> str:
 
 
 def print_rows(df: Any, fmt: str) -> None:
+    from pyspark.sql.types import TimestampType
+
+    from imageiq_spark.clock import as_utc
+
     columns = df.columns
+    # Spark gives a TIMESTAMP as naive local time: shown in UTC, with its offset, on any machine.
+    instants = [f.name for f in df.schema.fields if isinstance(f.dataType, TimestampType)]
     rows = [row.asDict(recursive=True) for row in df.toLocalIterator()]
+    for row in rows:
+        row.update({c: as_utc(row[c]) for c in instants if row[c] is not None})
     out = sys.stdout
     if fmt == "json":
         for row in rows:

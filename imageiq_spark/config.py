@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from imageiq_spark.redact import redact_settings
 
 DEFAULT_CONF_PATH = "conf/local.yaml"
 
@@ -105,6 +108,10 @@ Threshold = Annotated[float | None, _check("a number >= 0 or null", lambda v: v 
 Unit = Annotated[float, _check("a number in [0, 1)", lambda v: 0 <= v < 1)]
 ImageSize = Annotated[list[int], _check("[height, width] of two positive integers",
                                         lambda v: v == [] or (len(v) == 2 and min(v) > 0))]
+#: Names that go into SQL (backquoted): plain identifiers only, so no value can end the quote.
+_IDENTIFIER = "[A-Za-z_][A-Za-z0-9_]*"
+Identifier = Annotated[str, _check(f"an SQL identifier matching ^{_IDENTIFIER}$",
+                                   lambda v: re.fullmatch(_IDENTIFIER, v) is not None)]
 ResizePolicyName = _one_of(_resize_policies)
 ArchitectureName = _one_of(_architectures)
 SparkConf = Annotated[dict[str, str], BeforeValidator(_strings)]
@@ -120,12 +127,14 @@ class StorageConfig(_Section):
 
 
 class CatalogConfig(_Section):
-    #: Database (schema) holding the tables.
-    database: str = "imageiq"
+    #: Database (schema) holding the tables: letters, digits and `_`, not starting with a digit.
+    database: Identifier = "imageiq"
     #: Catalog of a persistent metastore that registers the tables as external Delta tables at their
     #: locations, named `<name>.<database>.<table>` everywhere: `spark_catalog` (Hive metastore, Glue),
     #: a Unity Catalog name (`main`). Empty (the default) registers them in the session's catalog only.
-    name: str = ""
+    #: Letters, digits and `_`, as `database`.
+    name: Annotated[str, _check(f"empty or an SQL identifier matching ^{_IDENTIFIER}$",
+                                lambda v: v == "" or re.fullmatch(_IDENTIFIER, v) is not None)] = ""
 
 
 class IngestConfig(_Section):
@@ -137,7 +146,8 @@ class IngestConfig(_Section):
     max_pixels: PositiveInt = 100_000_000
     #: Larger files are quarantined without being read.
     max_bytes: PositiveInt = 268_435_456
-    #: File name extensions taken as images, compared case-insensitively.
+    #: File name extensions taken as images, compared case-insensitively. Each file is probed from its
+    #: header (JPEG, PNG, BMP, GIF, TIFF, WebP, and Netpbm PBM/PGM/PPM, plain or raw).
     extensions: list[str] = [
             "jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "pgm", "ppm", "pbm",
         ]
@@ -393,10 +403,14 @@ class DuplicatesConfig(_Section):
     #: tier). Resized, JPEG-60 and 2.5%-per-side cropped copies of photos measured 0-8 bits; unrelated
     #: photos 20+. Higher finds more but makes the banded join slower (k // 2 + 1 shorter bands).
     max_distance: Annotated[int, _check("an integer 0..31", lambda v: 0 <= v <= 31)] = 8
-    #: Images with a side shorter than this (pixels) get no `phash` pairs: a 64-bit hash cannot tell
-    #: a thumbnail's twin from a look-alike (on the 28x28 sample digits, 8 bits linked 4,193 of the
-    #: 5,000 distinct digits into clusters, the largest of 3,971). The other tiers still apply.
-    min_side: PositiveInt = 64
+    #: Images with a side shorter than this (pixels) get no `phash` pairs (counted in the summary and
+    #: `job_runs.rows_skipped`; the other tiers still apply): on tiny images a 64-bit hash cannot tell
+    #: a twin from a look-alike (the 5,000 distinct 28x28 sample digits, at 8 bits: 32,928 pairs
+    #: linking 4,193 digits). At 32, 60x60 and 32x32 thumbnails of photos hash within 2 bits of their
+    #: originals and pair with them; 1,000 distinct synthetic photos at full size, 60x60 and 32x32
+    #: made no false pair (closest 10 bits apart). Glyph-like images of 32 px or more still link
+    #: (the digits upscaled to 32x32 make 33,199 pairs): raise it for a lake of icons or digits.
+    min_side: PositiveInt = 32
     #: Embeddings whose cosine similarity is at least this are near-duplicates (`embedding` tier).
     min_similarity: Annotated[float, _check("a number between -1 and 1", lambda v: -1 <= v <= 1)] = 0.97
 
@@ -475,19 +489,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-#: Parts of a Spark key whose value is a credential (fs.s3a.secret.key, ...access.key, ...password).
-SECRET_KEY_PARTS = ("secret", "password", "token", "access.key", "credential")
-
-
 def loggable_params(config: Config) -> dict[str, str]:
-    """The whole resolved config as flat string params for MLflow, credentials redacted."""
+    """The whole resolved config as flat string params for MLflow, credentials redacted
+    (`redact`: secret-named `spark_conf` keys, passwords in URIs, token parameters)."""
     data = to_dict(config)
-    data["spark_conf"] = {
-        key: "***" if any(part in key.lower() for part in SECRET_KEY_PARTS) else value
-        for key, value in data["spark_conf"].items()
-    }
-    return {key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            for key, value in flatten(data).items()}
+    data["spark_conf"] = redact_settings(data["spark_conf"])
+    return redact_settings({key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                            for key, value in flatten(data).items()})
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

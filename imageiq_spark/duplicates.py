@@ -6,8 +6,9 @@ the same picture. Three tiers, each a pair (`image_id_a` < `image_id_b`) with a 
 - `exact`: identical decoded pixels (`phash.pixel_digest`): the same picture saved again with
   other metadata, another PNG compression level or a lossless conversion. Distance 0.
 - `phash`: DCT perceptual hashes within `duplicates.max_distance` bits: resized, re-encoded,
-  slightly cropped or brightened copies (images of at least `duplicates.min_side` pixels a side:
-  on thumbnails a 64-bit hash links look-alikes, not copies). Found by a banded join: the 64
+  slightly cropped or brightened copies, and thumbnails down to `duplicates.min_side` pixels a
+  side (smaller images are left out, counted in the summary and `job_runs.rows_skipped`: on
+  tiny images a 64-bit hash links look-alikes, not copies). Found by a banded join: the 64
   bits are cut into k // 2 + 1 bands, and two hashes within k bits agree on at least one band
   within one bit (pigeonhole), so grouping by band value with one bit cleared finds every
   candidate, and counting the differing bits keeps the true ones (`hamming_pairs`). Never a
@@ -27,7 +28,6 @@ brought to the new components by one MERGE (update, insert, delete what left).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 import uuid
@@ -46,6 +46,7 @@ from pyspark.sql.types import (
 )
 
 from imageiq_spark import lakehouse, phash
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import deal, spread, to_arrow
@@ -81,10 +82,14 @@ class DuplicatesSummary:
     embedding_model: tuple[str, str] | None = None  # (name, version) of the embeddings compared
     clusters: int = 0
     clustered_images: int = 0
+    #: Images under `duplicates.min_side` pixels a side, left out of the `phash` tier.
+    small: int = 0
+    min_side: int = 0
     elapsed_s: float = 0.0
 
     def counts(self) -> RunCounts:
-        return RunCounts(read=self.hashed, written=self.new_pairs, quarantined=self.unreadable)
+        return RunCounts(read=self.hashed, written=self.new_pairs, quarantined=self.unreadable,
+                         skipped=self.small)
 
     def lines(self) -> list[str]:
         lines = [f"hashed:       {self.hashed} new images ({self.unreadable} unreadable)"]
@@ -93,7 +98,9 @@ class DuplicatesSummary:
                 lines.append("embedding:    skipped (no embeddings: run `imageiq embed`)")
                 continue
             extra = (f" ({self.embedding_model[0]} version {self.embedding_model[1]})"
-                     if tier == "embedding" and self.embedding_model else "")
+                     if tier == "embedding" and self.embedding_model else
+                     f" ({self.small} images under {self.min_side} px a side left out)"
+                     if tier == "phash" and self.small else "")
             lines.append(f"{tier + ':':<13} {self.pairs.get(tier, 0)} pairs{extra}")
         lines += [f"new pairs:    {self.new_pairs}",
                   f"clusters:     {self.clusters} ({self.clustered_images} images)",
@@ -338,7 +345,7 @@ def write_clusters(spark: SparkSession, config: Config, clusters: dict[str, str]
     sizes: dict[str, int] = {}
     for cluster in clusters.values():
         sizes[cluster] = sizes.get(cluster, 0) + 1
-    now = datetime.datetime.now()
+    now = utc_now()
     rows = spark.createDataFrame(
         [(image, cluster, sizes[cluster], now) for image, cluster in sorted(clusters.items())],
         CLUSTERS_SCHEMA,
@@ -363,8 +370,11 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     ensure_tables(spark, config)
     summary.hashed, summary.unreadable = update_hashes(spark, config)
     hashes = lakehouse.read_table(spark, config, HASHES_TABLE)
-    large = (lakehouse.read_table(spark, config, "images")
-             .where(F.least("width", "height") >= settings.min_side).select("image_id"))
+    sized = lakehouse.read_table(spark, config, "images").select(
+        "image_id", (F.least("width", "height") >= settings.min_side).alias("large"))
+    large = sized.where("large").select("image_id")
+    summary.min_side = settings.min_side
+    summary.small = sized.where(~F.col("large")).count()
     found = {
         "exact": exact_pairs(hashes).withColumn("distance", F.lit(0.0)),
         "phash": hamming_pairs(hashes.join(large, "image_id", "left_semi"), settings.max_distance)
@@ -374,7 +384,7 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     if vectors is not None:
         found["embedding"] = cosine_pairs(spark, vectors, settings.min_similarity).select(
             "image_id_a", "image_id_b", (1.0 - F.col("similarity")).alias("distance"))
-    found_at = datetime.datetime.now()
+    found_at = utc_now()
     tiers = [pairs.select("image_id_a", "image_id_b", F.lit(tier).alias("tier"), "distance",
                           F.lit(found_at).alias("found_at")) for tier, pairs in found.items()]
     rows = tiers[0]

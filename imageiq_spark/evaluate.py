@@ -8,7 +8,6 @@ images x classes, not with pixels; the few tensors the mistakes grid shows are f
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark import lakehouse, metrics
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.splits import Leakage, leakage
@@ -108,7 +108,7 @@ def markdown_report(summary: EvaluateSummary, r: metrics.Report, picture_names: 
     lines = [
         f"# Evaluation of {summary.model_name} version {summary.model_version} on {summary.split}",
         "",
-        f"{r.count} images. Evaluated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"{r.count} images. Evaluated {utc_now():%Y-%m-%d %H:%M} UTC.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -137,7 +137,7 @@ def markdown_report(summary: EvaluateSummary, r: metrics.Report, picture_names: 
 def write_evaluations(spark: SparkSession, config: Config, summary: EvaluateSummary,
                       report: metrics.Report) -> None:
     """Upsert one row per (model, version, split, metric, class): a re-evaluation replaces values."""
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = utc_now()
     rows = spark.createDataFrame(
         [(summary.model_name, summary.model_version, summary.split, metric, label,
           None if math.isnan(value) else float(value), now)

@@ -13,13 +13,13 @@ accuracy). Applying the same change twice adds nothing.
 
 from __future__ import annotations
 
-import datetime
 import logging
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from imageiq_spark import lakehouse, storage
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.session import session_conf
 from imageiq_spark.tables import schema
@@ -72,7 +72,7 @@ def relabel(spark: SparkSession, config: Config, candidates: DataFrame, source: 
 
 def _append_history(spark: SparkSession, config: Config, changed: DataFrame, source: str) -> None:
     lakehouse.ensure_table(spark, config, "image_labels", IMAGE_LABELS_SCHEMA)
-    now = datetime.datetime.now()
+    now = utc_now()
     known = changed.join(_latest_history(spark, config), "image_id", "left")
     # Version 1 is the label the image had before its first change.
     first = known.where(F.col("_version").isNull()).select(

@@ -38,6 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from imageiq_spark import drift, lakehouse, tables
+from imageiq_spark.clock import UTC, as_utc, utc_from_timestamp, utc_now
 from imageiq_spark.config import Config, to_dict
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.tensors import binary_views
@@ -216,10 +217,9 @@ def side_code(source: Column, window_start: Column) -> Column:
 
 
 def decode_side(code: int) -> tuple[str, datetime.datetime | None]:
-    """`side_code`'s integer -> (source, window start as naive local time, as Spark's `collect`
-    gives timestamps; None for the baseline)."""
+    """`side_code`'s integer -> (source, window start in UTC; None for the baseline)."""
     seconds, index = divmod(code, len(SOURCES) + 1)
-    start = None if seconds == -1 else datetime.datetime.fromtimestamp(seconds)
+    start = None if seconds == -1 else utc_from_timestamp(seconds)
     return SOURCES[index - 1], start
 
 
@@ -340,7 +340,7 @@ class Champion:
     version: str
     run_id: str
     preprocess_version: str
-    trained_at: datetime.datetime  # the training run's start, local time like `prepared_at`
+    trained_at: datetime.datetime  # the training run's start, in UTC
 
 
 def champion(config: Config) -> Champion:
@@ -357,7 +357,7 @@ def champion(config: Config) -> Champion:
             "monitoring compares against the data a model was trained on, so it needs a champion "
             "trained by `imageiq train`"
         )
-    trained_at = datetime.datetime.fromtimestamp(run.info.start_time / 1000)
+    trained_at = utc_from_timestamp(run.info.start_time / 1000)
     return Champion(name, version, run_id, preprocess_version, trained_at)
 
 
@@ -450,7 +450,7 @@ def quarantine_rates(spark: SparkSession, config: Config, since: datetime.dateti
             window_start("ingested_at", unit).alias("window_start"), F.lit(1).alias("bad")))
     rows = (images.where(F.col("window_start") >= F.lit(since)).groupBy("window_start")
             .agg(F.avg("bad").alias("rate"), F.count("*").alias("files")).collect())
-    return {r["window_start"]: (float(r["rate"]), int(r["files"])) for r in rows}
+    return {as_utc(r["window_start"]): (float(r["rate"]), int(r["files"])) for r in rows}
 
 
 def update_image_profiles(spark: SparkSession, config: Config) -> int:
@@ -558,9 +558,9 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
                                "train and score to have run")
     model = champion(config)
     summary = MonitorSummary(model.name, model.version)
-    now = datetime.datetime.now()
+    now = utc_now()
     since = datetime.datetime.combine(now.date() - datetime.timedelta(days=config.monitor.lookback_days),
-                                      datetime.time())
+                                      datetime.time(), UTC)
     with ThreadPoolExecutor(1, thread_name_prefix="imageiq-monitor") as pool:
         # Small independent jobs overlap: most of each is driver-side (planning, Delta logs).
         quarantine = pool.submit(quarantine_rates, spark, config, since)
@@ -569,7 +569,7 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         rates = quarantine.result()
     baseline = by_window.pop((BASELINE, None), Distributions())
 
-    computed_at = datetime.datetime.now()
+    computed_at = utc_now()
     unit = config.monitor.window
     limits = thresholds(config)
     profiles: list[tuple] = [
@@ -624,7 +624,7 @@ def result_writes(spark: SparkSession, config: Config, model: Champion, profiles
                                             spark.createDataFrame(rows, schema), condition, upsert))
     lakehouse.ensure_table(spark, config, "alerts", ALERTS_SCHEMA)
     if alerts:
-        raised_at = datetime.datetime.now()
+        raised_at = utc_now()
         rows = [(a.metric, a.window_start, _window_end(a.window_start, unit), a.source, model.name,
                  model.version, a.value, a.threshold, a.severity, raised_at) for a in alerts]
         writes.append(functools.partial(lakehouse.merge_new_rows, config, "alerts",
@@ -677,7 +677,7 @@ def markdown_report(model: Champion, window: datetime.datetime, values: dict[str
     raised = {a.metric for a in alerts if a.source == BATCH and a.window_start == window}
     lines = [f"# Drift of {model.name} version {model.version}, window {window:%Y-%m-%d %H:%M}", "",
              f"Baseline: the champion's training data (preprocess version {model.preprocess_version}, "
-             f"prepared before {model.trained_at:%Y-%m-%d %H:%M:%S}).", "",
+             f"prepared before {model.trained_at:%Y-%m-%d %H:%M:%S} UTC).", "",
              "| metric | value | threshold | alert |", "|---|---|---|---|"]
     for metric, value in sorted(values.items()):
         limit = limits.get(metric)
@@ -693,7 +693,7 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     import mlflow
 
     from imageiq_spark.storage import write_bytes
-    from imageiq_spark.tracking import configure_mlflow
+    from imageiq_spark.tracking import configure_mlflow, redact_run_tags
 
     picture = "drift.png"
     png = plot_drift(baseline, window, f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
@@ -706,6 +706,7 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     with mlflow.start_run(run_name=f"monitor {start:%Y-%m-%d %H:%M}",
                           tags={"imageiq.stage": "monitor", "model_version": model.version}), \
             TemporaryDirectory() as tmp:
+        redact_run_tags(mlflow.active_run().info.run_id)
         mlflow.log_metrics({k: v for k, v in summary.latest.items() if np.isfinite(v)})
         (Path(tmp) / picture).write_bytes(png)
         (Path(tmp) / "report.md").write_text(text)

@@ -26,6 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from imageiq_spark import lakehouse
+from imageiq_spark.clock import as_utc
 from imageiq_spark.config import Config
 from imageiq_spark.preprocess_udf import (
     FAILURE_FIELDS,
@@ -279,10 +280,12 @@ def catch_up_run_stats(spark: SparkSession, config: Config, spec: TransformSpec)
     prefix = f"{TAG_PREFIX}{spec.version}:"
     history = lakehouse.history(spark, lakehouse.table_location(config, "prepared"))
     committed = {
-        datetime.datetime.fromisoformat(row["userMetadata"][len(prefix):].split("#")[0])
+        # A tag without an offset was written in local time, before the one clock.
+        as_utc(datetime.datetime.fromisoformat(row["userMetadata"][len(prefix):].split("#")[0]))
         for row in history.filter(F.col("userMetadata").startswith(prefix)).select("userMetadata").collect()
     }
-    missing = sorted(committed - {run["prepared_at"] for run in _run_stats(spark, config, spec.version)})
+    stored = {as_utc(run["prepared_at"]) for run in _run_stats(spark, config, spec.version)}
+    missing = sorted(committed - stored)
     if not missing:
         return 0
     sums = (
@@ -298,7 +301,7 @@ def catch_up_run_stats(spark: SparkSession, config: Config, spec: TransformSpec)
     runs = {at: RunReport(channel_total=[0] * spec.channels, channel_total_sq=[0] * spec.channels)
             for at in missing}
     for row in sums:
-        run = runs[row["prepared_at"]]
+        run = runs[as_utc(row["prepared_at"])]
         run.train_images = row["images"]
         run.channel_total[row["channel"]] = row["total"]
         run.channel_total_sq[row["channel"]] = row["total_sq"]

@@ -43,6 +43,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark import faults, lakehouse
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.prepared import (
     TAG_PREFIX,
@@ -186,7 +187,7 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     summary = PreprocessSummary(version=spec.version)
     ensure_tables(spark, config)
     # One timestamp names this run's rows, and its statistics row.
-    prepared_at = datetime.datetime.now()
+    prepared_at = utc_now()
     tag = f"{TAG_PREFIX}{spec.version}:{prepared_at.isoformat()}#{uuid.uuid4().hex}"
     report = RunReport()
     for attempt in range(1, ATTEMPTS + 1):

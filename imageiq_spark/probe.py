@@ -4,6 +4,8 @@ Ingest quarantines empty, foreign, corrupt, truncated and oversized files with i
 bomb is rejected from its header alone. Pillow's plugins parse the headers of JPEG, GIF, BMP, TIFF
 and WebP lazily (header only, no pixels); our own code stays where it is stricter:
 
+- PBM/PGM/PPM (Netpbm, which Pillow's plugins above do not cover): magic P1-P6, width, height and
+  maxval read here; a raw (P4-P6) file shorter than its rows is `truncated`.
 - PNG: our chunk walk checks every CRC up to IEND, tells a file that ends early (`truncated`)
   from a damaged one (`corrupt`) and names the chunk, and reads the bit depth. Pillow's
   `Image.open` + `verify()` answer the same "cannot identify image file" for a bad CRC and for a
@@ -23,6 +25,7 @@ and WebP lazily (header only, no pixels); our own code stays where it is stricte
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -60,6 +63,8 @@ def probe(data: bytes, max_pixels: int | None = None) -> ImageInfo:
         raise ProbeError(EMPTY, "file has 0 bytes")
     if data.startswith(PNG_SIGNATURE):
         info = _png(data)
+    elif data[:1] == b"P" and data[1:2] in _PNM_FORMATS and data[2:3].isspace():
+        info = _pnm(data)
     else:
         info = _with_pillow(data)
     if info.width <= 0 or info.height <= 0:
@@ -96,6 +101,41 @@ def _png(data: bytes) -> ImageInfo:
     width, height, bit_depth, color_type = header
     channels = 4 if color_type == 3 and has_alpha_chunk else {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(color_type, 0)
     return ImageInfo("png", width, height, channels, bit_depth)
+
+
+#: Netpbm magic digit -> (format, channels); 1-4 are plain (ASCII) PBM/PGM/PPM, 4-6 raw (binary).
+_PNM_FORMATS = {b"1": ("pbm", 1), b"2": ("pgm", 1), b"3": ("ppm", 3),
+                b"4": ("pbm", 1), b"5": ("pgm", 1), b"6": ("ppm", 3)}
+_PNM_TOKEN = re.compile(rb"(?:\s|#[^\n\r]*)*(\d+)")
+
+
+def _pnm(data: bytes) -> ImageInfo:
+    """PBM/PGM/PPM: magic, width, height and (but for PBM) maxval, separated by whitespace and
+    `#` comments; a raw file must hold the rows its header promises."""
+    kind = data[1:2]
+    name, channels = _PNM_FORMATS[kind]
+    what = name.upper()
+    values, pos = [], 2
+    for _ in range(2 if name == "pbm" else 3):
+        match = _PNM_TOKEN.match(data, pos)
+        if match is None:
+            reason = TRUNCATED if data[pos:].strip() == b"" else CORRUPT
+            raise ProbeError(reason, f"{what} header has no {('width', 'height', 'maxval')[len(values)]}")
+        values.append(int(match.group(1)))
+        pos = match.end()
+    width, height = values[:2]
+    maxval = values[2] if name != "pbm" else 1
+    if not 0 < maxval < 65536:
+        raise ProbeError(CORRUPT, f"{what} maxval {maxval} is outside 1..65535")
+    bits = 1 if name == "pbm" else 8 if maxval < 256 else 16
+    if kind in b"456" and data[pos:pos + 1].isspace():
+        # One whitespace byte ends a raw header; the samples follow.
+        row = (width + 7) // 8 if name == "pbm" else width * channels * bits // 8
+        if len(data) - pos - 1 < row * height:
+            raise ProbeError(TRUNCATED, f"{what} pixel data is shorter than its {width}x{height} header says")
+    elif kind in b"456":
+        raise ProbeError(TRUNCATED if pos == len(data) else CORRUPT, f"{what} header is not followed by data")
+    return ImageInfo(name, width, height, channels, bits)
 
 
 #: Signature -> Pillow plugin class. Called directly: `Image.open` would apply its own pixel limit.

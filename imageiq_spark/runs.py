@@ -22,7 +22,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark import lakehouse
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config, ConfigError, loggable_params
+from imageiq_spark.redact import redact
 from imageiq_spark.tables import schema
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,10 @@ JOB_RUNS_SCHEMA = schema(
     "ended_at TIMESTAMP NOT NULL, status STRING NOT NULL, exit_code BIGINT NOT NULL, "
     "rows_read BIGINT, rows_written BIGINT, rows_quarantined BIGINT, "
     "config_fingerprint STRING NOT NULL, spark_app_id STRING, model_name STRING, "
-    "model_version STRING, error STRING"
+    "model_version STRING, error STRING, rows_skipped BIGINT"
 )
+#: The `rows_*` columns, in the order `imageiq status` shows them.
+COUNTED = ("read", "written", "quarantined", "skipped")
 #: The longest error summary kept in a row: the cause, not a whole stack trace.
 ERROR_CHARS = 1000
 S = TypeVar("S", bound="Counted")
@@ -46,6 +50,8 @@ class RunCounts:
     read: int | None = None
     written: int | None = None
     quarantined: int | None = None
+    #: Rows a stage left out on purpose (duplicates: images too small to hash-compare).
+    skipped: int | None = None
     model_name: str | None = None
     model_version: str | None = None
 
@@ -60,31 +66,28 @@ def config_fingerprint(config: Config) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-
-
 @dataclass
 class RunRecord:
     stage: str
     config: Config
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started_at: datetime.datetime = field(default_factory=_now)
+    started_at: datetime.datetime = field(default_factory=utc_now)
     counts: RunCounts = field(default_factory=RunCounts)
 
     def row(self, status: str, exit_code: int, error: str | None, app_id: str | None) -> tuple:
         c = self.counts
         model_name = c.model_name or (self.config.mlflow.registered_model if c.model_version else None)
-        return (self.stage, self.run_id, self.started_at, _now(), status, exit_code, c.read,
+        return (self.stage, self.run_id, self.started_at, utc_now(), status, exit_code, c.read,
                 c.written, c.quarantined, config_fingerprint(self.config), app_id, model_name,
-                c.model_version, error[:ERROR_CHARS] if error else None)
+                c.model_version, redact(error)[:ERROR_CHARS] if error else None, c.skipped)
 
 
 def append_run(spark: SparkSession, config: Config, row: tuple) -> None:
     lakehouse.ensure_table(spark, config, "job_runs", JOB_RUNS_SCHEMA)
     rows = spark.createDataFrame([row], JOB_RUNS_SCHEMA)
     lakehouse.with_conflict_retry(
-        lambda: rows.write.format("delta").mode("append").save(
+        # mergeSchema: a job_runs table from before rows_skipped gains the column.
+        lambda: rows.write.format("delta").mode("append").option("mergeSchema", "true").save(
             lakehouse.table_location(config, "job_runs")),
         "append job_runs",
     )
@@ -115,7 +118,7 @@ def _append_quietly(spark: SparkSession, config: Config, row: tuple) -> None:
     try:
         append_run(spark, config, row)
     except Exception as exc:  # the record is secondary: never replace the stage's outcome
-        log.warning("could not record the run in job_runs: %s: %s", type(exc).__name__, exc)
+        log.warning("could not record the run in job_runs: %s: %s", type(exc).__name__, redact(exc))
 
 
 def _app_id(spark: SparkSession) -> str | None:
@@ -145,8 +148,8 @@ class StatusSummary:
             lines.append("  none recorded yet")
         for r in self.runs:
             took = (r["ended_at"] - r["started_at"]).total_seconds()
-            counts = ", ".join(f"{name} {r[f'rows_{name}']}" for name in ("read", "written", "quarantined")
-                               if r[f"rows_{name}"] is not None)
+            counts = ", ".join(f"{name} {r[f'rows_{name}']}" for name in COUNTED
+                               if r.get(f"rows_{name}") is not None)
             model = f" model v{r['model_version']}" if r["model_version"] else ""
             lines.append(f"  {r['stage']:<11}{r['status']:<10}{r['started_at']:%Y-%m-%d %H:%M:%S} "
                          f"({took:.0f} s) exit {r['exit_code']}{model}"

@@ -44,6 +44,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from imageiq_spark import faults, lakehouse
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config
 from imageiq_spark.runs import RunCounts
 from imageiq_spark.session import spread
@@ -398,7 +399,7 @@ def model_pass(
     with lakehouse.pending_rows(images.select("image_id", "content"), [done]) as pending:
         if pending.count:
             todo = pending.rows
-            at = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            at = utc_now()
             staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
             try:
                 _, crashed = faults.survive_worker_crashes(

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark import quiet
 from imageiq_spark.config import Config
+from imageiq_spark.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ def local_defaults(config: Config) -> dict[str, str]:
         "spark.sql.execution.arrow.maxRecordsPerBatch": "1024",
         "spark.databricks.delta.snapshotPartitions": "2",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
-        "spark.sql.session.timeZone": "UTC",
         "spark.ui.showConsoleProgress": "true",
         "spark.driver.memory": "4g",
         "spark.pyspark.python": python,
@@ -173,7 +173,7 @@ def connect_session(config: Config, remote: str, app_name: str) -> SparkSession:
     builder = SparkSession.builder.remote(remote).appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)
-    log.info("Spark Connect session: %s", remote)
+    log.info("Spark Connect session: %s", redact(remote))  # sc://...;token=
     with warnings.catch_warnings():
         if remote.startswith("local"):
             # The server started with every setting; pyspark then sets them again on the session,
@@ -193,6 +193,9 @@ def session_settings(config: Config, local: bool) -> dict[str, str]:
         settings.update(quiet.jvm_settings())
         settings["spark.jars"] = ",".join(local_jars(uses_s3(config)))
         settings.update(s3a_defaults(os.environ))
+    # Day windows (`date_trunc`), dates and shown timestamps in UTC whatever the machine's time
+    # zone; a value from spark_conf, spark-submit or the platform wins.
+    settings.setdefault("spark.sql.session.timeZone", "UTC")
     user = dict(config.spark_conf)
     # A user's own JVM options follow ours (the JVM takes the last of a repeated option) rather
     # than replace them, so adding, say, a heap-dump flag does not bring Spark's log noise back.

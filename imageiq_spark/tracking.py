@@ -9,7 +9,6 @@ The model registry is the tracking store unless `mlflow.registry_uri` names anot
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import logging
 import os
@@ -19,11 +18,16 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark import lakehouse
+from imageiq_spark.clock import utc_now
 from imageiq_spark.config import Config, ConfigError
+from imageiq_spark.redact import redact, redact_settings
 from imageiq_spark.session import storage_uri
 from imageiq_spark.tables import schema
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow writes "View run ... at: <tracking URI>" to stdout: results only go there, and the URI
+# may hold a password.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -100,6 +104,16 @@ def configure_mlflow(config: Config) -> str:
     return experiment_id
 
 
+def redact_run_tags(run_id: str) -> None:
+    """Overwrite the run's tags that hold a credential with their redacted values: MLflow tags a run
+    by itself, e.g. `mlflow.source.git.repoURL` from a remote like `https://user:token@host/repo`."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    for name, value in redact_settings(tags).items():
+        if value != tags[name]:
+            client.set_tag(run_id, name, value)
+
+
 def default_model_uri(config: Config) -> str:
     return f"models:/{config.mlflow.registered_model}@{CHAMPION}"
 
@@ -127,7 +141,7 @@ def resolve_model(config: Config, model_uri: str) -> tuple[str, str, str]:
             version = client.get_model_version(name, number)
     except MlflowException as exc:
         raise ConfigError(
-            f"--model '{model_uri}' is not in the registry at {registry_uri(config)}: {exc.message}. "
+            f"--model '{model_uri}' is not in the registry at {redact(registry_uri(config))}: {exc.message}. "
             "Train a model first (`imageiq train`) or pass an existing models:/ URI"
         ) from exc
     return name, str(version.version), version.run_id
@@ -164,7 +178,7 @@ def record_alias(spark: SparkSession, config: Config, name: str, alias: str, ver
         "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
     )
     move = spark.createDataFrame(
-        [(name, alias, str(version), previous, action, reason, _user(), datetime.datetime.now())],
+        [(name, alias, str(version), previous, action, reason, _user(), utc_now())],
         ALIAS_HISTORY_SCHEMA,
     )
     lakehouse.with_conflict_retry(

@@ -559,7 +559,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
     from mlflow.tracking import MlflowClient
 
     from imageiq_spark.classifier import ImageClassifier, log_classifier
-    from imageiq_spark.tracking import configure_mlflow, record_alias
+    from imageiq_spark.tracking import configure_mlflow, record_alias, redact_run_tags
 
     configure_mlflow(config)
     previous = TrainState.load(task.checkpoint_dir)
@@ -574,6 +574,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
                 "imageiq.stage": "train",
                 FINGERPRINT_TAG: fingerprint,
             })
+            redact_run_tags(run_id)
             TrainState(run_id=run_id).save(task.checkpoint_dir)
         else:
             log.info("train: resuming run %s after epoch %d", run_id, resumed_from)

@@ -112,3 +112,17 @@ def test_logged_params_hold_every_key_but_never_a_credential():
         "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000",
     }
     assert "SECRETVALUE" not in json.dumps(params) and "ACCESSVALUE" not in json.dumps(params)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("catalog.database", "imageiq`; DROP TABLE images; --"),
+    ("catalog.database", "main.imageiq"),
+    ("catalog.database", "9lives"),
+    ("catalog.name", "my catalog"),
+])
+def test_a_name_that_goes_into_sql_must_be_an_identifier_or_the_cli_exits_2(key, value, capsys):
+    from imageiq_spark import cli
+
+    assert cli.main(["--set", f"{key}={value}", "status"]) == 2
+    err = capsys.readouterr().err
+    assert f"config key '{key}' expects" in err and "^[A-Za-z_][A-Za-z0-9_]*$" in err

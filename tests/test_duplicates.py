@@ -196,3 +196,30 @@ def test_similar_without_embeddings_ranks_by_phash_the_image_itself_first(spark,
     assert {n.image_id for n in result.neighbours[1:]} == {ids[f"photo/{name}"] for name in
                                                            ("resized", "jpeg60", "cropped", "brightened")}
     assert all(n.similarity >= 1 - K / 64 for n in result.neighbours)
+
+
+def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_counted(spark, tmp_path):
+    from imageiq_spark import runs
+
+    config = make_config(tmp_path)
+    original = photo(3)
+    contents = {"photo/original": images.jpeg(original, quality=95)}
+    for side in (60, 32, 28):
+        thumbnail = cv2.resize(original, (side, side), interpolation=cv2.INTER_AREA)
+        contents[f"photo/thumb{side}"] = images.png(thumbnail)
+    ids = {name: sha(data) for name, data in contents.items()}
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+
+    summary = runs.record_run(spark, config, "duplicates", lambda: duplicates.run(spark, config))
+
+    phash_pairs = {(r["image_id_a"], r["image_id_b"]) for r in
+                   lakehouse.read_table(spark, config, "near_duplicates").where("tier = 'phash'").collect()}
+    for name in ("thumb60", "thumb32"):
+        assert tuple(sorted((ids["photo/original"], ids[f"photo/{name}"]))) in phash_pairs, name
+    assert not any(ids["photo/thumb28"] in p for p in phash_pairs)
+    assert summary.small == 1 and summary.counts().skipped == 1
+    (line,) = [line for line in summary.lines() if line.startswith("phash")]
+    assert line.endswith("pairs (1 images under 32 px a side left out)")
+    (row,) = lakehouse.read_table(spark, config, "job_runs").collect()
+    assert row["rows_skipped"] == 1 and row["stage"] == "duplicates"

@@ -214,7 +214,7 @@ def samples(spark):
     window = np.round(rng.beta(5, 2, 2000), 4)
     base_labels = rng.choice(list("abcd"), 3000, p=[0.4, 0.3, 0.2, 0.1])
     window_labels = rng.choice(list("abce"), 2000, p=[0.25, 0.25, 0.25, 0.25])
-    day = datetime.datetime(2026, 12, 1)
+    day = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)  # as collect_sides keys it
     rows = ([("baseline", None, str(label), float(c)) for label, c in zip(base_labels, base)]
             + [("batch", day, str(label), float(c)) for label, c in zip(window_labels, window)])
     df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
@@ -224,9 +224,10 @@ def samples(spark):
 
 
 def test_each_source_and_window_survive_their_integer_side_code(spark):
-    noon = datetime.datetime(2026, 3, 29, 12, 0)
+    utc = datetime.timezone.utc  # window starts come back as aware UTC
+    noon = datetime.datetime(2026, 3, 29, 12, 0, tzinfo=utc)
     sides = [(monitor.BASELINE, None), (monitor.BATCH, noon), (monitor.ONLINE, noon),
-             (monitor.BATCH, datetime.datetime(1969, 12, 31, 23, 0))]
+             (monitor.BATCH, datetime.datetime(1969, 12, 31, 23, 0, tzinfo=utc))]
     rows = spark.createDataFrame(sides, "source STRING, window_start TIMESTAMP")
     codes = [r[0] for r in rows.select(monitor.side_code(rows["source"], rows["window_start"])).collect()]
     assert [monitor.decode_side(code) for code in codes] == sides
