@@ -6,9 +6,11 @@ BIN := $(VENV)/bin
 MVN := mvn -q -B org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy -Dtransitive=false
 # Resolved one by one, not transitively: transitive copies clash with pyspark's own jars (DESIGN.md).
 # Delta 4.4.0 publishes jars for Spark 4.0-4.2 (none for 4.3); hadoop-aws matches the hadoop-client
-# 3.5.0 inside pyspark 4.2, and the AWS SDK bundle is the one hadoop 3.5.0 is built with.
+# 3.5.0 inside pyspark 4.2; the AWS SDK bundle and the S3 analytics accelerator (which S3A 3.5 loads
+# at its first read) are the versions hadoop 3.5.0 is built with (hadoop-project 3.5.0 pom).
 DELTA_JARS := io.delta:delta-spark_4.2_2.13:4.4.0 io.delta:delta-storage:4.4.0
-S3_JARS := org.apache.hadoop:hadoop-aws:3.5.0 software.amazon.awssdk:bundle:2.35.4
+S3_JARS := org.apache.hadoop:hadoop-aws:3.5.0 software.amazon.awssdk:bundle:2.35.4 \
+  software.amazon.s3.analyticsaccelerator:analyticsaccelerator-s3:1.3.1
 SAMPLE := data/sample
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
@@ -28,18 +30,23 @@ $(VENV)/.installed: requirements.txt requirements-local.txt requirements-dev.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-jars/delta/.done:
-	mkdir -p jars/delta
+# The stamps depend on the Makefile, and a fetch empties its folder first: a jar of an earlier
+# version left beside the new one would put two copies of its classes on Spark's classpath.
+jars/delta/.done: Makefile
+	rm -rf jars/delta && mkdir -p jars/delta
 	for a in $(DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/delta || exit 1; done
 	touch $@
 
 # Headless Debian chromium and its driver for the upload page's browser test (tests/test_serve.py).
+# Without apt-get or root (macOS, Fedora, a laptop) nothing is installed and that test skips.
 browser:
-	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
-	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+	@if test -x /usr/bin/chromium -a -x /usr/bin/chromedriver; then :; \
+	elif command -v apt-get > /dev/null && test "$$(id -u)" = 0; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "browser: no apt-get or not root: chromium not installed, the upload page's browser test will skip"; fi
 
-jars/s3/.done:
-	mkdir -p jars/s3
+jars/s3/.done: Makefile
+	rm -rf jars/s3 && mkdir -p jars/s3
 	for a in $(S3_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/s3 || exit 1; done
 	touch $@
 
