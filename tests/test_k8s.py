@@ -147,7 +147,7 @@ def test_serving_deployment_probes_the_v2_health_routes_on_the_served_port():
     assert args[:4] == ["imageiq", "--conf", "/etc/imageiq/imageiq.yaml", "serve"]
     assert args[args.index("--port") + 1] == str(container["ports"][0]["containerPort"]) == "8080"
     app, _ = create_app(from_dict({}), "models:/unused@champion")
-    routes = {route.path for route in app.app.routes}
+    routes = {route.path for route in app.app.app.routes}  # metrics, then the guard, then FastAPI
     assert {"/v2/health/ready", "/v2/health/live", "/metrics"} <= routes
     service = one("serve-service.yaml")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
