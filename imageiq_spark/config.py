@@ -257,6 +257,10 @@ class TrainConfig(_Section):
     promote_margin: NonNegative = 0.0
     #: The lowest val accuracy with which a new version may take `champion`.
     promote_min_accuracy: Probability = 0.0
+    #: Seconds a train waits for another train on the same data (holding the lease on their shared
+    #: checkpoint folder) to finish before it exits with status 1; after the wait it skips if that
+    #: run registered the same data.
+    lease_wait_s: NonNegative = 60.0
     augment: AugmentConfig = AugmentConfig()
     distributed: DistributedConfig = DistributedConfig()
 
