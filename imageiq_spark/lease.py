@@ -68,6 +68,11 @@ class Lease:
     ttl_s: float
     _stop: threading.Event = field(default_factory=threading.Event)
     _lost: bool = False
+    _heart: threading.Thread | None = None
+
+    def start_heartbeat(self) -> None:
+        self._heart = threading.Thread(target=self._heartbeat, name="imageiq-lease", daemon=True)
+        self._heart.start()
 
     @property
     def lease_id(self) -> str:
@@ -103,6 +108,8 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        if self._heart is not None:
+            self._heart.join()  # a renewal in flight would write the file again after the delete
         current, _ = read(self.uri)
         if current is not None and current.get("lease_id") == self.lease_id:
             filesystem, path = storage.filesystem(self.uri)
@@ -198,7 +205,7 @@ def acquire(uri: str, holder: str, wait_s: float, wait_key: str = "", ttl_s: flo
                      else _try_object_store(uri, record))
             if taken:
                 lease = Lease(uri, record, ttl_s)
-                threading.Thread(target=lease._heartbeat, name="imageiq-lease", daemon=True).start()
+                lease.start_heartbeat()
                 return lease
             continue  # lost the race for it: look again at once
         if time.monotonic() >= deadline:
