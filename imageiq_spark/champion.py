@@ -8,11 +8,19 @@ champion got on its own validation set, possibly another one, is never compared.
 is promoted when its val accuracy is at least `train.promote_min_accuracy` and beats the
 champion's by more than `train.promote_margin`; test accuracy is reported beside it, never used
 to decide. Each decision lands in `champion_decisions` (one row per split) and on the new run.
+
+Scoring takes a while, and another train's gate or an operator's `promote` may move the alias
+meanwhile: `decide` reads the champion again as its last step, and if it changed it compares with
+the new one (the candidate's figures are kept), so the alias never moves on a comparison with a
+champion that is gone. The registry has no compare-and-set for aliases: what remains is the
+moment between that read and the move.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -29,6 +37,10 @@ DECISIONS_SCHEMA = schema(
     "decision STRING NOT NULL, reason STRING NOT NULL, decided_at TIMESTAMP NOT NULL"
 )
 GATE_SPLITS = ("val", "test")
+#: Champions a gate compares with before it gives up, when the alias keeps moving while it scores.
+GATE_COMPARISONS = 3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,23 +101,30 @@ def gate_images(spark: SparkSession, config: Config, prepared_version: int, prep
 
 def decide(spark: SparkSession, config: Config, name: str, version: str, run_id: str,
            prepared_version: int, preprocess_version: str) -> Decision:
-    """Score the new version and the current champion on the same images and choose the alias."""
-    from mlflow.exceptions import MlflowException
+    """Score the new version and the current champion on the same images and choose the alias.
 
+    The champion is read again after it was scored; if it changed, the new one is scored too
+    (up to GATE_COMPARISONS champions), so the caller moves the alias on a fresh comparison."""
     from imageiq_spark.tracking import CHALLENGER, CHAMPION, registry_client
 
     client = registry_client(config)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is not None and str(current.version) == str(version):
-        current = None
+    current = _current_champion(client, name, version)
     images = gate_images(spark, config, prepared_version, preprocess_version).cache()
     try:
         candidate = split_accuracies(images, config, name, version, run_id)
-        champion = (None if current is None else
-                    split_accuracies(images, config, name, str(current.version), current.run_id))
+        for _ in range(GATE_COMPARISONS):
+            champion = (None if current is None else
+                        split_accuracies(images, config, name, str(current.version), current.run_id))
+            latest = _current_champion(client, name, version)
+            if _version(latest) == _version(current):
+                break
+            log.info("gate: the champion of %s moved from version %s to %s while it was scored; "
+                     "comparing with the new one", name, _version(current), _version(latest))
+            current = latest
+        else:
+            raise RuntimeError(f"gate: the champion of {name} moved {GATE_COMPARISONS} times while "
+                               f"version {version} was compared with it; the version is "
+                               f"registered without an alias: train again once the alias settles")
     finally:
         images.unpersist()
     val = candidate.get("val", (0.0, 0))[0]
@@ -113,6 +132,23 @@ def decide(spark: SparkSession, config: Config, name: str, version: str, run_id:
     promote, reason = judge(val, champion_val, config.train.promote_margin, config.train.promote_min_accuracy)
     return Decision(CHAMPION if promote else CHALLENGER, reason, candidate, champion,
                     None if current is None else str(current.version))
+
+
+def _current_champion(client: Any, name: str, candidate: str) -> Any:
+    """The registry's champion version of `name`, or None (none, or the candidate itself)."""
+    from mlflow.exceptions import MlflowException
+
+    from imageiq_spark.tracking import CHAMPION
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return None if str(current.version) == str(candidate) else current
+
+
+def _version(model_version: Any) -> str | None:
+    return None if model_version is None else str(model_version.version)
 
 
 def record(spark: SparkSession, config: Config, name: str, version: str, decision: Decision) -> None:

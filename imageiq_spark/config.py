@@ -269,6 +269,10 @@ class TrainConfig(_Section):
     promote_margin: NonNegative = 0.0
     #: The lowest val accuracy with which a new version may take `champion`.
     promote_min_accuracy: Probability = 0.0
+    #: Seconds a train waits for another train on the same data (holding the lease on their shared
+    #: checkpoint folder) to finish before it exits with status 1; after the wait it skips if that
+    #: run registered the same data.
+    lease_wait_s: NonNegative = 60.0
     augment: AugmentConfig = AugmentConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -468,9 +472,16 @@ class Config(_Section):
         return from_dict(data)
 
     def fingerprint(self, section: str) -> str:
-        """A short stable hash of one section's resolved values."""
-        payload = json.dumps(to_dict(self)[section], sort_keys=True)
+        """A short stable hash of one section's resolved values (but for NOT_FINGERPRINTED)."""
+        values = {key: value for key, value in to_dict(self)[section].items()
+                  if key not in NOT_FINGERPRINTED.get(section, ())}
+        payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+#: Keys that set how a stage waits, not what it makes: a change keeps the section's fingerprint
+#: (train's checkpoint folder and its skip check).
+NOT_FINGERPRINTED = {"train": ("lease_wait_s",)}
 
 
 def to_dict(config: BaseModel) -> dict[str, Any]:

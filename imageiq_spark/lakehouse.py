@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -361,13 +361,24 @@ def merge_new_rows(
     rows: DataFrame,
     keys: list[str],
     attempts: int = 5,
+    pinned: Mapping[str, str] | None = None,
 ) -> int:
     """Insert the rows whose keys the table lacks; returns how many were inserted.
 
     An insert-only MERGE: a rerun or a concurrent run with the same rows inserts nothing.
+    `pinned` names key columns that hold one value in every row of `rows` (e.g. a version):
+    they are matched against that literal, so Delta reads only the target files whose
+    statistics (or partition) can hold it, not the whole table.
     """
-    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    pinned = dict(pinned or {})
+    literals = [f"t.`{k}` = {sql_string(v)}" for k, v in pinned.items()]
+    condition = " AND ".join(literals + [f"t.`{k}` <=> s.`{k}`" for k in keys if k not in pinned])
     return merge(config, table, rows, condition, "WHEN NOT MATCHED THEN INSERT *", attempts)
+
+
+def sql_string(value: str) -> str:
+    """`value` as a SQL string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 VIEWS = {

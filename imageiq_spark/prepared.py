@@ -50,7 +50,7 @@ from imageiq_spark.tables import (
 from imageiq_spark.transform import TransformSpec
 
 SPLITS = ("train", "val", "test")
-#: userMetadata of an append to `prepared`: TAG_PREFIX + "<version>:<prepared_at ISO>#<run id>".
+#: userMetadata of a run's MERGE into `prepared`: TAG_PREFIX + "<version>:<prepared_at ISO>#<run id>".
 TAG_PREFIX = "imageiq-preprocess:"
 
 # ------------------------------------------------------------------------------------- reads
@@ -168,13 +168,6 @@ def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
 
 def latest_version(spark: SparkSession, config: Config, table: str) -> int:
     return lakehouse.latest_version(spark, lakehouse.table_location(config, table))
-
-
-def committed_rows(spark: SparkSession, config: Config, table: str, tag: str) -> int | None:
-    """Rows written by the commit tagged `tag` (userMetadata); None if there is no such commit."""
-    history = lakehouse.history(spark, lakehouse.table_location(config, table), 50)
-    found = history.filter(F.col("userMetadata") == tag).select("operationMetrics").collect()
-    return int(found[0][0].get("numOutputRows", 0)) if found else None
 
 
 # ------------------------------------------------------------------------------------ writes

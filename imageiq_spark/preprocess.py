@@ -10,11 +10,13 @@ version skip them (delete the quarantine row to retry one); a new version tries 
 image that kills the Python worker is found by bisection (`faults`), quarantined as
 `worker_crash`, and the run goes on without it.
 
-One pass over the pending images: the UDF's tensors go straight into an idempotent Delta append
-(`txnAppId` per version, `txnVersion` = the `prepared` version the run started from, so a
-concurrent run or a retry never adds an image twice), and each task's `RunReport` file brings back
-the failures, the train split's channel sums and a random sample for the grid, so nothing is
-read twice. Tensors are stored uncompressed by default (`preprocess.compression`).
+One pass over the pending images: the UDF's tensors go straight into an insert-only MERGE keyed
+by (`image_id`, `preprocess_version`), like every other stage's writes, so a concurrent run, a
+retry, or a run that started before another commit (relabel, maintain, another version) never
+adds an image twice; the merge reads only the files that can hold the run's version. Each task's
+`RunReport` file brings back the failures, the train split's channel sums and a random sample for
+the grid, so nothing is read twice. Tensors are stored uncompressed by default
+(`preprocess.compression`).
 
 The stage's jobs live in their own modules: the UDF and its report files in `preprocess_udf`,
 the `prepared` table store (reads for train and evaluate, the side tables `prepared_labels`,
@@ -48,7 +50,6 @@ from imageiq_spark.config import Config
 from imageiq_spark.prepared import (
     TAG_PREFIX,
     catch_up_run_stats,
-    committed_rows,
     count_table,
     current_version,
     ensure_tables,
@@ -90,24 +91,30 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Runs that lose a race to a concurrent run of the same version start over this many times.
+#: Runs whose MERGE loses a commit race start over (on the images still missing) this many times.
 ATTEMPTS = 5
+#: `prepared` is keyed by these; every row of one run has the same preprocess_version.
+PREPARED_KEYS = ["image_id", "preprocess_version"]
 
 
-def append_prepared(
+def merge_prepared(
     spark: SparkSession,
     config: Config,
     spec: TransformSpec,
     todo: DataFrame,
     ids: DataFrame,
     report: ReportSink,
-    start_version: int,
     prepared_at: datetime.datetime,
     tag: str,
-) -> int | None:
-    """Transform `todo` (whose image ids `ids` holds) and append the tensors to `prepared` in one
-    pass; returns the rows written, or None when Delta skipped the append because another run
-    moved on from `start_version` first. What the UDF saw goes to the `report` sink."""
+) -> int:
+    """Transform `todo` (whose image ids `ids` holds) and insert the tensors `prepared` lacks, in
+    one pass; returns the rows inserted. What the UDF saw goes to the `report` sink.
+
+    An insert-only MERGE on (image_id, preprocess_version) with the version as a literal, so only
+    the files that can hold this version are read for the match. One attempt: a commit that loses
+    to a concurrent writer raises, and `run` starts over on the images still missing rather than
+    transforming all of them again. (Delta skips materialising the source of an insert-only
+    MERGE, so the UDF runs once.)"""
     from imageiq_spark import splits
 
     labels = {r["label"] for r in todo.select("label").distinct().collect() if r["label"] is not None}
@@ -121,13 +128,10 @@ def append_prepared(
         "spark.sql.parquet.compression.codec": config.preprocess.compression,
         **lakehouse.ROW_GROUP_SETTINGS,
     }
-    with session_conf(spark, settings):
-        (rows.write.format("delta").mode("append")
-         .option("txnAppId", f"imageiq-preprocess-{spec.version}")
-         .option("txnVersion", start_version)
-         .option("userMetadata", tag)
-         .save(lakehouse.table_location(config, "prepared")))
-    return committed_rows(spark, config, "prepared", tag)
+    # The tag names the run's commit: `catch_up_run_stats` finds its rows by it.
+    with session_conf(spark, {**settings, "spark.databricks.delta.commitInfo.userMetadata": tag}):
+        return lakehouse.merge_new_rows(config, "prepared", rows, PREPARED_KEYS, attempts=1,
+                                        pinned={"preprocess_version": spec.version})
 
 
 def prepare_pending(
@@ -136,19 +140,17 @@ def prepare_pending(
     spec: TransformSpec,
     todo: DataFrame,
     ids: DataFrame,
-    start_version: int,
     prepared_at: datetime.datetime,
     tag: str,
-) -> tuple[int | None, RunReport]:
-    """`append_prepared` over `todo` and what its UDF saw; images that kill a Python worker are
-    left out of the append and come back among the report's failures as `worker_crash`."""
+) -> tuple[int, RunReport]:
+    """`merge_prepared` over `todo` and what its UDF saw; images that kill a Python worker are
+    left out of the merge and come back among the report's failures as `worker_crash`."""
 
-    def attempt(crashed: list[str]) -> tuple[int | None, RunReport]:
+    def attempt(crashed: list[str]) -> tuple[int, RunReport]:
         reports = ReportFiles(lakehouse.lake_path(config, "staging", "preprocess_reports", uuid.uuid4().hex))
         rows = faults.restrict(todo, "image_id", crashed, keep=False) if crashed else todo
         try:
-            written = append_prepared(spark, config, spec, rows, ids, reports, start_version, prepared_at,
-                                      tag)
+            written = merge_prepared(spark, config, spec, rows, ids, reports, prepared_at, tag)
         finally:
             report = reports.take()
         return written, report
@@ -170,12 +172,14 @@ def prepare_pending(
 def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     """Prepare every image of `images` not yet in `prepared` at the current preprocess_version.
 
-    One pass: the UDF's tensors go straight into an append to `prepared`, and RunReport files
-    bring back its failures (quarantined), the train split's channel sums and a
-    random sample for the grid. The append is idempotent: Delta `txnAppId` per preprocess
-    version, `txnVersion` = the `prepared` table version the run started from, so a run that
-    started from a state another run has moved on from writes nothing and starts over, and
-    concurrent runs and reruns add each image exactly once.
+    One pass: the UDF's tensors go straight into an insert-only MERGE into `prepared`, and
+    RunReport files bring back its failures (quarantined), the train split's channel sums and a
+    random sample for the grid. Whatever else commits to `prepared` meanwhile (a concurrent run
+    of any version, relabel, maintain), each image is added once per version: the MERGE skips
+    rows already there, and a MERGE that loses a commit race starts over on the images still
+    missing. The channel sums of the report count only when the MERGE inserted every row the UDF
+    made; otherwise (a concurrent run inserted some first) they are summed from this run's rows
+    in the table (`catch_up_run_stats`).
     """
     if not lakehouse.table_exists(spark, config, "images"):
         raise RuntimeError(
@@ -190,6 +194,7 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     prepared_at = utc_now()
     tag = f"{TAG_PREFIX}{spec.version}:{prepared_at.isoformat()}#{uuid.uuid4().hex}"
     report = RunReport()
+    own_sums = True  # whether the report's channel sums are exactly those of this run's rows
     for attempt in range(1, ATTEMPTS + 1):
         start_version = latest_version(spark, config, "prepared")
         with pending_images(spark, config, spec, start_version) as pending:
@@ -198,20 +203,22 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
             log.info("preprocess: %d images to prepare at version %s", pending.count, spec.version)
             try:
                 written, attempt_report = prepare_pending(spark, config, spec, pending.rows, pending.ids,
-                                                          start_version, prepared_at, tag)
+                                                          prepared_at, tag)
             except PySparkException as exc:
                 if not lakehouse.is_conflict(exc):
                     raise
-                written, lost = None, type(exc).__name__
-            else:
-                lost = "it prepared these images first"
-        if written is None:
-            log.warning("preprocess: a concurrent run committed first (%s); attempt %d of %d",
-                        lost, attempt, ATTEMPTS)
-            continue
+                log.warning("preprocess: a concurrent commit to prepared won (%s); attempt %d of %d",
+                            type(exc).__name__, attempt, ATTEMPTS)
+                continue
+            made = pending.count - len({failure[0] for failure in attempt_report.failures})
         summary.prepared, report = written, attempt_report
         summary.quarantined.update(quarantine_failures(spark, config, report.failures, prepared_at,
                                                          spec.version))
+        if written < made:
+            # A concurrent run inserted some of these images first: the report's sums hold them too.
+            log.info("preprocess: %d of %d images were prepared by a concurrent run first",
+                     made - written, made)
+            own_sums = False
         break
     else:
         raise RuntimeError(f"preprocess: {ATTEMPTS} attempts lost to concurrent runs of version "
@@ -219,7 +226,8 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     if version_row(spark, config, spec.version) is None:
         store_version(spark, config, spec)
     if summary.prepared:
-        store_run_stats(spark, config, spec, {prepared_at: report})
+        if own_sums:
+            store_run_stats(spark, config, spec, {prepared_at: report})
         summary.grid = write_grid(config, spec, report.sample)
     catch_up_run_stats(spark, config, spec)
     summary.split_counts, summary.class_counts = count_table(spark, config, spec.version)

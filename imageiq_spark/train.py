@@ -15,7 +15,11 @@ scheduling and sees only it (CUDA_VISIBLE_DEVICES). The cluster must offer them,
 
 Each epoch the chief worker writes a checkpoint (weights, best weights, early-stopping state and
 history) under `<storage.root>/checkpoints/train/<key>`; a crashed run started again with the
-same config and data resumes there, in the same MLflow run. Early stopping on validation loss
+same config and data resumes there, in the same MLflow run. A run holds a lease on that folder
+(`lease`: an exclusive file beside it, renewed while it runs, taken over once its holder is dead
+for two minutes): a second train on the same data waits up to `train.lease_wait_s`, then exits 1
+naming the holder; one that got the lease after a wait skips if the first registered the same
+data. Early stopping on validation loss
 restores the best weights. The model is logged as a self-contained pyfunc, registered under
 `mlflow.registered_model`, and takes alias `champion` only if it beats the current champion on
 the same val images (`imageiq_spark.champion`), else `challenger`.
@@ -61,6 +65,7 @@ with native_stderr_muted():
 
 from imageiq_spark import champion, lakehouse, models, readers, storage  # noqa: E402
 from imageiq_spark.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
+from imageiq_spark.lease import Lease, hold  # noqa: E402
 from imageiq_spark.runs import RunCounts  # noqa: E402
 from imageiq_spark.session import is_connect  # noqa: E402
 
@@ -509,10 +514,27 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
     version = prepared_version(spark, config)
     spec = prepared.read_spec(spark, config, prepared.current_version(config))
     fingerprint = training_fingerprint(spark, config, version, spec.version)
-    unchanged = unchanged_since(config, fingerprint)
-    if unchanged and not force:
-        log.info("train: skipped, %s", unchanged[1])
-        return TrainSkipped(config.mlflow.registered_model, unchanged[0], fingerprint, version, unchanged[1])
+    folder = checkpoint_dir(config, version)
+    # Two trains on the same data would share the checkpoint folder (one resuming the other's
+    # run, the first to end deleting it): the second waits for the first's lease, then exits 1.
+    with hold(f"{folder}.lease", "train", train_config.lease_wait_s, "train.lease_wait_s") as held:
+        # Checked under the lease: a run waited for may have just registered this very data.
+        unchanged = unchanged_since(config, fingerprint)
+        if unchanged and not force:
+            log.info("train: skipped, %s", unchanged[1])
+            return TrainSkipped(config.mlflow.registered_model, unchanged[0], fingerprint, version,
+                                unchanged[1])
+        return _train_leased(spark, config, callbacks, started, reader, version, spec, fingerprint,
+                             folder, held)
+
+
+def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any], started: float,
+                  reader: readers.Reader, version: int, spec: Any, fingerprint: str, folder: str,
+                  held: Lease) -> TrainSummary:
+    """`run`'s training, registration and gate, holding the lease on the checkpoint `folder`."""
+    from imageiq_spark import prepared
+
+    train_config = config.train
     labels = prepared.read_label_vocabulary(spark, config)
     mean, std = prepared.read_channel_stats(spark, config, spec.version)
     splits = read_splits(spark, config, version, spec.version)
@@ -541,11 +563,11 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
             fine_tune_layers=train_config.fine_tune_layers, seed=train_config.seed,
             augment=train_config.augment, reader_workers=train_config.reader_workers,
             shuffle_buffer=train_config.shuffle_buffer,
-            checkpoint_dir=checkpoint_dir(config, version), workers=workers,
+            checkpoint_dir=folder, workers=workers,
             use_gpu=train_config.distributed.use_gpu,
         )
         summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, started,
-                                 fingerprint)
+                                 fingerprint, held)
     finally:
         for source in sources.values():
             readers.release(source)
@@ -554,7 +576,7 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
 
 def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version: int,
                    labels: list[str], spec: Any, callbacks: Sequence[Any], started: float,
-                   fingerprint: str) -> TrainSummary:
+                   fingerprint: str, held: Lease) -> TrainSummary:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -603,15 +625,17 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
             val_accuracy, val_loss = evaluate_split(classifier, task.val)
             mlflow.log_metrics({"best_val_accuracy": val_accuracy, "best_val_loss": val_loss,
                                 "epochs_run": state.epochs_done, "best_epoch": state.best_epoch})
+            held.check()  # a driver that stalled past its lease must not register over another's run
             info = log_classifier(classifier, tmp, config.mlflow.registered_model)
         registered = str(info.registered_model_version)
         client = MlflowClient()
         name = config.mlflow.registered_model
+        # `decide` reads the champion again as its last step: the alias moves right after it.
         decision = champion.decide(spark, config, name, registered, run_id, version, spec.version)
-        champion.record(spark, config, name, registered, decision)
         alias = decision.alias
-        champion_accuracy = None if decision.champion is None else decision.champion.get("val", (None, 0))[0]
         client.set_registered_model_alias(name, alias, registered)
+        champion.record(spark, config, name, registered, decision)
+        champion_accuracy = None if decision.champion is None else decision.champion.get("val", (None, 0))[0]
         mlflow.set_tag("registered_model_version", registered)
         mlflow.set_tag("alias", alias)
     record_alias(spark, config, name, alias, registered, reason=f"gate: {decision.reason}")

@@ -343,3 +343,48 @@ def test_two_driver_processes_prepare_each_image_exactly_once(spark, tmp_path):
     runs = lakehouse.read_table(spark, config, "job_runs").where("stage = 'preprocess'").collect()
     assert sorted(r.status for r in runs) == ["succeeded", "succeeded"]
     assert sum(r.rows_written for r in runs) == len(ids)
+
+
+def test_two_drivers_with_a_commit_in_between_prepare_each_image_exactly_once(spark, tmp_path, monkeypatch):
+    """Driver B (a CLI process) finds every image pending and stops; another preprocess version
+    commits to `prepared`; driver A (this process) finds the same images pending, lets B commit,
+    then commits itself. Delta's txnVersion took A's later start for a new transaction and added
+    every image twice; the MERGE adds none."""
+    import paused_driver
+
+    config = make_config(tmp_path, preprocess={"size": [4, 4]})
+    digits, digit_labels = load_digits()
+    ids = add_images(spark, config, [(f"file:/d/{i}.png", images.gray_png(digits[i]),
+                                      str(digit_labels[i])) for i in range(12)])
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    other = paused_driver.start(write_conf(config, tmp_path / "conf.yaml"), "preprocess",
+                                "imageiq_spark.preprocess:prepare_pending", "-", ready, go, cwd=tmp_path)
+    paused_driver.wait_for(ready, other)
+    # The commit in between: rows of another preprocess version (a relabel or OPTIMIZE is one too).
+    other_version = [(ids[0], "0", 0, "train", b"\0" * 12, 2, 2, 3, "other", datetime.datetime(2026, 1, 1))]
+    (spark.createDataFrame(other_version, tables.PREPARED_SCHEMA).write.format("delta").mode("append")
+     .save(lakehouse.table_location(config, "prepared")))
+    prepare_pending = preprocess.prepare_pending
+    outputs = []
+
+    def after_the_other_driver(*args, **kwargs):
+        go.touch()
+        outputs.append(other.communicate(timeout=900))
+        return prepare_pending(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "prepare_pending", after_the_other_driver)
+
+    summary = preprocess.run(spark, config)
+
+    assert other.returncode == 0, outputs[0][1][-3000:]
+    rows = preprocess.read_prepared(spark, config).select("image_id", "split").collect()
+    assert sorted(r.image_id for r in rows) == sorted(ids)  # each exactly once
+    assert summary.prepared == 0
+    runs = lakehouse.read_table(spark, config, "job_runs").where("stage = 'preprocess'").collect()
+    assert [(r.status, r.rows_written) for r in runs] == [("succeeded", len(ids))]
+    # The channel statistics count each train image once too.
+    version = TransformSpec.from_config(config).version
+    stats = lakehouse.read_table(spark, config, "prepared_stats").where(
+        F.col("preprocess_version") == version)
+    assert stats.agg(F.sum("train_images")).first()[0] == sum(r.split == "train" for r in rows)
+    assert preprocess.read_prepared(spark, config, "other").count() == 1

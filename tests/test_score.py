@@ -188,7 +188,7 @@ def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
     assert {r.model_version for r in predictions(spark, lake).collect()} == {"2"}
 
 
-@pytest.mark.slow  # two more Spark drivers; `make test` runs the two-driver test of preprocess
+@pytest.mark.slow  # two more Spark drivers; `make test` runs the paused two-driver test above
 def test_two_driver_processes_leave_one_row_per_image_and_version(spark, lake, tmp_path):
     from test_faults import start_cli, write_conf
 
@@ -203,6 +203,37 @@ def test_two_driver_processes_leave_one_row_per_image_and_version(spark, lake, t
     keys = predictions(spark, lake).groupBy(*score.PREDICTION_KEYS).count()
     assert keys.count() == 16
     assert keys.where("count > 1").count() == 0
+
+
+def test_two_drivers_with_a_commit_in_between_leave_one_row_per_image_and_version(spark, lake, tmp_path):
+    """Driver B (a CLI process) stages its predictions and stops before its MERGE; driver A (this
+    process) scores the same images and commits, then a maintain-like OPTIMIZE rewrites the table;
+    B's MERGE then adds nothing."""
+    import paused_driver
+    from test_faults import write_conf
+
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    other = paused_driver.start(write_conf(lake, tmp_path / "conf.yaml"), "score",
+                                "imageiq_spark.lakehouse:merge_new_rows", "predictions", ready, go,
+                                cwd=tmp_path)
+    paused_driver.wait_for(ready, other)
+
+    summary = score.run(spark, lake)
+    spark.sql(f"OPTIMIZE delta.`{lakehouse.table_location(lake, 'predictions')}`")
+    go.touch()
+    _, err = other.communicate(timeout=900)
+
+    assert other.returncode == 0, err[-3000:]
+    images = lakehouse.read_table(spark, lake, "images").collect()
+    good = sorted(r.image_id for r in images if r.image_id != "0" * 64)  # all but the corrupt one
+    model = lake.mlflow.registered_model
+    assertDataFrameEqual(predictions(spark, lake).select(*score.PREDICTION_KEYS),
+                         [Row(image_id=i, model_name=model, model_version="1") for i in good])
+    assert summary.inserted == len(good) == 16
+    runs = lakehouse.read_table(spark, lake, "job_runs").where("stage = 'score'").collect()
+    assert [(r.status, r.rows_written) for r in runs] == [("succeeded", 0)]
+    quarantined = lakehouse.read_table(spark, lake, "quarantine").where("stage = 'score'").select("image_id")
+    assert [r.image_id for r in quarantined.collect()] == ["0" * 64]
 
 
 @pytest.mark.slow  # worker restarts and model loads while it bisects; `make test` has preprocess's

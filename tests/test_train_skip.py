@@ -5,6 +5,7 @@ image is a change."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import yaml
@@ -86,3 +87,31 @@ def test_a_relabelled_image_or_a_changed_train_config_trains_again(spark, lake):
     assert versions(config) == [*before, before[-1] + 1, before[-1] + 2]
     assert isinstance(train.run(spark, config.with_overrides({"train.learning_rate": 0.002})),
                       train.TrainSkipped)
+
+
+def test_a_second_train_on_the_same_data_waits_for_the_lease_then_exits_1_naming_the_holder(
+        spark, lake, tmp_path, capsys):
+    from imageiq_spark import lease
+
+    _, config = lake
+    waiting = config.with_overrides({"train.lease_wait_s": 1})
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(to_dict(waiting)))
+    folder = train.checkpoint_dir(config, train.prepared_version(spark, config))
+    before = versions(config)
+    first = lease.acquire(f"{folder}.lease", "train", wait_s=0)  # a first train, still running
+    try:
+        started = time.monotonic()
+        code = cli.main(["--conf", str(conf), "train"])
+        waited = time.monotonic() - started
+    finally:
+        first.release()
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"imageiq: train failed: LeaseHeld: train: {folder}.lease is held by train (host " in err
+    assert f"lease {first.lease_id}, since " in err
+    assert waited >= 1
+    assert versions(config) == before
+    # Once the first is done (here: gave the lease back), the second finds its data registered.
+    assert isinstance(train.run(spark, waiting), train.TrainSkipped)
