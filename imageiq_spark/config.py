@@ -83,13 +83,6 @@ def _architectures() -> dict[str, Any]:
     return ARCHITECTURES
 
 
-def __getattr__(name: str) -> Any:
-    # MODEL_INPUT_SIZES: input size `(height, width)` of each architecture, from its registration.
-    if name == "MODEL_INPUT_SIZES":
-        return {arch: spec.input_size for arch, spec in _architectures().items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _strings(value: Any) -> Any:
     """Spark settings are strings: YAML numbers and booleans are written the way Spark reads them."""
     if not isinstance(value, dict):

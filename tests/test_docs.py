@@ -3,7 +3,6 @@ every command and job, and the architecture picture is rendered from its source.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import struct
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from imageiq_spark import docs
 from imageiq_spark.cli import build_parser
@@ -49,15 +49,13 @@ def test_reference_rows_carry_type_and_doc_comment():
     assert rows["preprocess.split.val"][2] == "Fraction used for early stopping and choosing the champion."
 
 
-@dataclasses.dataclass
-class _Inner:
+class _Inner(BaseModel):
     depth: int = 1
 
 
-@dataclasses.dataclass
-class _Outer:
+class _Outer(BaseModel):
     #: The section's own comment.
-    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    inner: _Inner = _Inner()
 
 
 def test_a_key_without_its_own_comment_takes_its_sections_comment():
