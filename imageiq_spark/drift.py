@@ -39,7 +39,7 @@ def js_distance(baseline: np.ndarray, window: np.ndarray) -> float:
     return float(jensenshannon(shares(baseline), shares(window), base=2))
 
 
-def _cdfs(values_a: np.ndarray, counts_a: np.ndarray, values_b: np.ndarray, counts_b: np.ndarray
+def cdfs(values_a: np.ndarray, counts_a: np.ndarray, values_b: np.ndarray, counts_b: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both empirical CDFs evaluated at every value either side holds (sorted)."""
     grid = np.union1d(values_a, values_b)
@@ -56,7 +56,7 @@ def _cdfs(values_a: np.ndarray, counts_a: np.ndarray, values_b: np.ndarray, coun
 def ks_statistic(values_a: np.ndarray, counts_a: np.ndarray, values_b: np.ndarray,
                  counts_b: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov statistic, max |F_a - F_b|, of two counted samples."""
-    _, cdf_a, cdf_b = _cdfs(values_a, counts_a, values_b, counts_b)
+    _, cdf_a, cdf_b = cdfs(values_a, counts_a, values_b, counts_b)
     return float(np.max(np.abs(cdf_a - cdf_b)))
 
 

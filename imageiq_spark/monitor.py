@@ -280,7 +280,8 @@ def collect_sides(parts: list[DataFrame]) -> dict[tuple[str, datetime.datetime |
     return sides
 
 
-def _aligned(a: dict[str, int], b: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def aligned_counts(a: dict[str, int], b: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Two categories' counts as arrays over both's categories, sorted."""
     keys = sorted(set(a) | set(b))
     return np.array([a.get(k, 0) for k in keys], float), np.array([b.get(k, 0) for k in keys], float)
 
@@ -291,7 +292,7 @@ def drift_metrics(baseline: Distributions, window: Distributions) -> dict[str, f
     for name in ("label", "format"):
         b, w = baseline.categories.get(name), window.categories.get(name)
         if b and w:
-            expected, actual = _aligned(b, w)
+            expected, actual = aligned_counts(b, w)
             metrics[f"{name}_psi"] = drift.psi(expected, actual)
             if name == "label":
                 metrics["label_js"] = drift.js_distance(expected, actual)
@@ -645,35 +646,9 @@ def run_together(actions: list[Callable[[], T]]) -> list[T]:
 # --- pictures, report, Prometheus ---------------------------------------------------------------
 
 
-def plot_drift(baseline: Distributions, window: Distributions, title: str) -> bytes:
-    """Label mix and confidence histograms of a window against the baseline, as PNG bytes."""
-    from imageiq_spark.metrics import figure_png, plt
-
-    fig, (mix, conf) = plt.subplots(1, 2, figsize=(11, 4))
-    base_labels, window_labels = baseline.categories.get("label", {}), window.categories.get("label", {})
-    labels = sorted(set(base_labels) | set(window_labels))
-    b, w = _aligned(base_labels, window_labels)
-    x = np.arange(len(labels))
-    mix.bar(x - 0.2, drift.shares(b), 0.4, label="baseline (val predictions)")
-    mix.bar(x + 0.2, drift.shares(w), 0.4, label="window")
-    mix.set_xticks(x, labels)
-    mix.set_xlabel("predicted label")
-    mix.set_ylabel("share of predictions")
-    mix.legend()
-    edges = np.linspace(0, 1, 21)
-    for side, name in ((baseline, "baseline"), (window, "window")):
-        if "confidence" in side.grids:
-            values, counts = side.grids["confidence"]
-            conf.hist(values, bins=edges, weights=counts / counts.sum(), alpha=0.55, label=name)
-    conf.set_xlabel("confidence")
-    conf.set_ylabel("share of predictions")
-    conf.legend()
-    fig.suptitle(title)
-    return figure_png(fig)
-
-
 def markdown_report(model: Champion, window: datetime.datetime, values: dict[str, float],
-                    limits: dict[str, float | None], alerts: list[Alert], picture: str) -> str:
+                    limits: dict[str, float | None], alerts: list[Alert], picture: str,
+                    panels: list[str]) -> str:
     raised = {a.metric for a in alerts if a.source == BATCH and a.window_start == window}
     lines = [f"# Drift of {model.name} version {model.version}, window {window:%Y-%m-%d %H:%M}", "",
              f"Baseline: the champion's training data (preprocess version {model.preprocess_version}, "
@@ -683,7 +658,7 @@ def markdown_report(model: Champion, window: datetime.datetime, values: dict[str
         limit = limits.get(metric)
         lines.append(f"| {metric} | {value:.4f} | {'-' if limit is None else limit} | "
                      f"{'**yes**' if metric in raised else ''} |")
-    lines += ["", f"![label mix and confidence]({picture})", ""]
+    lines += ["", f"![{', '.join(panels)}]({picture})", ""]
     return "\n".join(lines)
 
 
@@ -692,12 +667,14 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     """PNG + Markdown of the latest window under storage.root, also logged to an MLflow run."""
     import mlflow
 
+    from imageiq_spark.monitor_report import drift_picture
     from imageiq_spark.storage import write_bytes
     from imageiq_spark.tracking import configure_mlflow, redact_run_tags
 
     picture = "drift.png"
-    png = plot_drift(baseline, window, f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
-    text = markdown_report(model, start, summary.latest, thresholds(config), summary.alerts, picture)
+    png, panels = drift_picture(baseline, window, summary.latest_alerts(),
+                                f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
+    text = markdown_report(model, start, summary.latest, thresholds(config), summary.alerts, picture, panels)
     folder = lakehouse.lake_path(config, "reports", "monitor", config.catalog.database, model.name,
                                  f"v{model.version}", f"{start:%Y%m%dT%H%M}")
     write_bytes(f"{folder}/{picture}", png)

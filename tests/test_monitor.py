@@ -101,10 +101,12 @@ def test_alerts_land_in_the_alerts_table_once_per_window_and_metric(spark, missi
 
 
 @pytest.mark.slow
-def test_a_darkened_batch_raises_the_brightness_alert_only(spark, trained):
+def test_a_darkened_batch_raises_the_brightness_alert_only_and_pictures_it(spark, trained):
     _, summary = scenario(spark, trained, "dark", darken=0.6)
     print(summary.lines())
     assert alerted(summary) == {"brightness_ks"}
+    # The report's alt text names the picture's panels (monitor_report.panel_names of its figure).
+    assert "![predicted label mix, confidence, brightness](drift.png)" in report_text(summary)
 
 
 @pytest.mark.slow
@@ -195,12 +197,60 @@ def test_the_prometheus_text_file_holds_the_latest_values(missing_class):
     assert line.endswith(" 0.0")
 
 
-def test_the_drift_report_is_a_picture_and_a_table(missing_class):
-    _, summary = missing_class
+def report_text(summary: monitor.MonitorSummary) -> str:
     folder = Path(summary.report_uri.removeprefix("file://")).parent
     assert (folder / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = (folder / "report.md").read_text()
+    return (folder / "report.md").read_text()
+
+
+def test_the_drift_report_is_a_picture_and_a_table(missing_class):
+    _, summary = missing_class
+    text = report_text(summary)
     assert "| label_psi |" in text and "**yes**" in text
+    # A label alert is drawn in the label mix panel the picture always has: no panel of its own.
+    assert "![predicted label mix, confidence](drift.png)" in text
+
+
+def _side(brightness: list[float], labels: dict[str, int]) -> monitor.Distributions:
+    values, counts = np.unique(np.round(brightness, 2), return_counts=True)
+    grids = {name: (values, counts) for name in ("brightness", "contrast", "sharpness", "width", "height")}
+    return monitor.Distributions(categories={"label": labels, "format": {"png": 5}, "correct": {"true": 5}},
+                                 grids={**grids, "confidence": (np.array([0.5, 0.9]), np.array([2, 3]))})
+
+
+def test_the_drift_picture_adds_a_panel_per_alerting_variable_up_to_its_cap():
+    from imageiq_spark import monitor_report
+
+    day = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
+    metrics = ["accuracy_drop", "brightness_ks", "confidence_ks", "contrast_ks", "format_psi", "height_ks",
+               "label_js", "label_psi", "quarantine_rate", "sharpness_ks", "width_ks"]
+    severity = {"label_psi": "critical"}
+    alerts = [monitor.Alert(m, monitor.BATCH, day, 0.5 + i / 100, 0.3, severity.get(m, "warning"))
+              for i, m in enumerate(metrics)]
+    baseline, window = _side([120.0, 130.0, 140.0], {"3": 2, "5": 3}), _side([70.5, 80.0], {"5": 5})
+
+    fig = monitor_report.drift_figure(baseline, window, alerts, "digits v1")
+
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "predicted label mix\nlabel_js 0.560 > 0.3 (warning)\nlabel_psi 0.570 > 0.3 (critical)",
+        "confidence\nconfidence_ks 0.520 > 0.3 (warning)",
+        "prediction correct\naccuracy_drop 0.500 > 0.3 (warning)",
+        "brightness\nbrightness_ks 0.510 > 0.3 (warning)",
+        "contrast\ncontrast_ks 0.530 > 0.3 (warning)",
+        "image format\nformat_psi 0.540 > 0.3 (warning)",
+        "height\nheight_ks 0.550 > 0.3 (warning)",
+        "sharpness\nsharpness_ks 0.590 > 0.3 (warning)",
+    ]
+    assert monitor_report.panel_names(fig) == [t.split("\n")[0] for t in titles]
+    # Six panels beyond the label mix and confidence; the rest, and what has no distribution, by name.
+    assert fig.get_suptitle() == "digits v1\nalso alerting, without a panel: quarantine_rate, width_ks"
+    brightness = fig.axes[3]
+    gap = brightness.collections[0]  # the dotted line at the largest CDF gap: the KS statistic
+    assert gap.get_label() == "largest gap 1.000"
+    assert [line.get_label() for line in brightness.get_lines()] == ["baseline (train images)", "window"]
+    # A panel's title takes its worst alert's colour.
+    assert [ax.title.get_color() for ax in fig.axes[:3]] == ["tab:red", "tab:orange", "tab:orange"]
 
 
 # --- the statistics against scipy's, through the Spark aggregation ------------------------------
