@@ -27,10 +27,12 @@ SECRET_NAME = r"secret|password|token|access[.]?key|fs[.]azure[.]account[.]key|f
 _SECRET_NAME = re.compile(SECRET_NAME, re.IGNORECASE)
 # user:password@ after a scheme; a lone `name@` is kept (wasbs://container@account is no secret).
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/@\s:'\"]*):[^/@\s'\"]*@")
-# ?name=, &name= and ;name= parameters whose name says credential (sig: Azure SAS signatures).
+# ?name=, &name= and ;name= parameters whose name says credential (sig: Azure SAS signatures). The
+# bare names `sig` and `key` count only as parameters (after ?, & or ;): in prose `KEY=VALUE` is no
+# secret (the CLI's own usage message says it).
 _PARAMETER = re.compile(
-    r"(?i)((?:^|(?<=[?&;\s]))(?:[\w.-]*(?:" + SECRET_NAME
-    + r"|signature|credential|passwd|pwd|apikey|api_key)[\w.-]*|sig|key)=)[^&;#\s'\"]+"
+    r"(?i)((?:(?:^|(?<=[?&;\s]))[\w.-]*(?:" + SECRET_NAME
+    + r"|signature|credential|passwd|pwd|apikey|api_key)[\w.-]*|(?<=[?&;])(?:sig|key))=)[^&;#\s'\"]+"
 )
 # name=value, name: value, "name": "value" of a setting named like a credential, in free text.
 _NAMED = re.compile(

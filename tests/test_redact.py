@@ -183,3 +183,9 @@ def test_the_k8s_readme_puts_no_key_on_a_command_line():
     text = (Path(__file__).parents[1] / "deploy" / "k8s" / "README.md").read_text()
     assert "--from-literal" not in text
     assert "create secret generic imageiq-aws --from-env-file=" in text
+
+
+def test_the_clis_own_usage_words_are_not_taken_for_a_secret():
+    message = "--set expects KEY=VALUE (for example train.epochs=3), got 'noequals'"
+
+    assert redact(message) == message
