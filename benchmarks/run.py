@@ -173,12 +173,19 @@ def commit(name: str) -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
+def trailer(text: str) -> str:
+    """What follows the last section: figures measured outside `make bench` (by tests), kept."""
+    ends = list(re.finditer(r"<!-- /bench:\w+ -->\n", text))
+    return text[ends[-1].end():] if ends else ""
+
+
 def write(done: dict[str, str]) -> None:
+    kept = trailer(DOC.read_text()) if DOC.exists() else ""
     parts = [HEADER]
     for name in [n for n in ORDER if n in done]:
         parts.append(f"<!-- bench:{name} -->\n{done[name]}<!-- /bench:{name} -->\n")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(parts))
+    DOC.write_text("\n".join(parts) + kept)
 
 
 if __name__ == "__main__":
