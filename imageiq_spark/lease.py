@@ -18,7 +18,6 @@ whose holder died is stale once it expires, and the next driver takes it over.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from imageiq_spark import storage
+from imageiq_spark import clock, storage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def _now() -> float:
 
 
 def _stamp(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return clock.utc_from_timestamp(seconds).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass

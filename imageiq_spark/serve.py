@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime
 import hashlib
 import json
 import logging
@@ -52,7 +51,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match
 
-from imageiq_spark import probe, tracking, transform
+from imageiq_spark import clock, probe, tracking, transform
 from imageiq_spark.config import Config
 from imageiq_spark.lakehouse import lake_path
 from imageiq_spark.score import prediction_rows
@@ -447,7 +446,7 @@ class Server:
                                                                self.config.score.top_k))]
         self.metrics.images.labels("ok").inc(len(rows))
         if self.request_log is not None:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = clock.utc_now()
             logged = [{**row, "route": route, "size_bytes": len(data), "requested_at": now}
                       for row, data in zip(rows, contents)]
             if self.request_log.add(logged):  # written beside the requests, not in their way
