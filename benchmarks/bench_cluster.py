@@ -19,8 +19,8 @@ from pathlib import Path
 import boto3
 
 from benchmarks.common import median, table
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.session import local_cluster_home
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.lake.session import local_cluster_home
 
 IMAGES_PER_CLASS = 6  # 60 digits: the data set of tests/test_cluster.py
 REPEATS = int(os.environ.get("BENCH_CLUSTER_REPEATS", "2"))  # each repeat is ~20 minutes here

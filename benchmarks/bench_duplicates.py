@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import bench_config, table
-from imageiq_spark import duplicates, phash
-from imageiq_spark.session import get_spark
+from imageiq_spark.lake.session import get_spark
+from imageiq_spark.stages import duplicates
+from imageiq_spark.vision import phash
 
 HASHES = 100_000
 EMBEDDINGS = 20_000

@@ -15,9 +15,9 @@ from pyspark.sql import functions as F
 
 from benchmarks.bench_preprocess import image_set
 from benchmarks.common import bench_config, median, table, timed
-from imageiq_spark import ingest
-from imageiq_spark.config import Config
-from imageiq_spark.session import get_spark
+from imageiq_spark.core.config import Config
+from imageiq_spark.lake.session import get_spark
+from imageiq_spark.stages import ingest
 
 COUNT = 3000  # distinct 500x375 JPEGs
 CLASSES = 10

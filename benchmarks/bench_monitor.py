@@ -29,7 +29,8 @@ def build_lake(spark, config) -> None:
     from mlflow.tracking import MlflowClient
     from pyspark.sql import functions as F
 
-    from imageiq_spark import lakehouse, monitor, tracking
+    from imageiq_spark.lake import lakehouse, tracking
+    from imageiq_spark.stages import monitor
 
     tracking.configure_mlflow(config)
     name = config.mlflow.registered_model
@@ -74,8 +75,9 @@ def build_lake(spark, config) -> None:
 
 
 def run(workdir: Path) -> str:
-    from imageiq_spark import lakehouse, monitor
-    from imageiq_spark.session import get_spark
+    from imageiq_spark.lake import lakehouse
+    from imageiq_spark.lake.session import get_spark
+    from imageiq_spark.stages import monitor
 
     shutil.rmtree(workdir, ignore_errors=True)
     config = bench_config(workdir / "lake", monitor={"lookback_days": DAYS + 1})

@@ -22,11 +22,13 @@ import numpy as np
 from pyspark.sql import SparkSession
 
 from benchmarks.common import bench_config, cpu_used, median, table, timed
-from imageiq_spark import ingest, lakehouse, preprocess, transform
-from imageiq_spark.config import Config
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.session import get_spark, session_conf
-from imageiq_spark.transform import TransformSpec, jpeg_size, reduction_factor
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core.config import Config
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import get_spark, session_conf
+from imageiq_spark.stages import ingest, preprocess
+from imageiq_spark.vision import transform
+from imageiq_spark.vision.transform import TransformSpec, jpeg_size, reduction_factor
 
 REPEATS = 3
 SETS = (  # name, count, stored (height, width), target size

@@ -28,11 +28,12 @@ from pyspark.ml.functions import predict_batch_udf  # noqa: E402
 from pyspark.sql.types import ArrayType, FloatType  # noqa: E402
 
 from benchmarks.common import bench_config, median, table, timed  # noqa: E402
-from imageiq_spark import lakehouse, score  # noqa: E402
-from imageiq_spark.classifier import ImageClassifier  # noqa: E402
-from imageiq_spark.models import ModelSpec, build_model  # noqa: E402
-from imageiq_spark.session import get_spark, session_conf  # noqa: E402
-from imageiq_spark.transform import TransformSpec, prepare_batch  # noqa: E402
+from imageiq_spark.lake import lakehouse  # noqa: E402
+from imageiq_spark.lake.session import get_spark, session_conf  # noqa: E402
+from imageiq_spark.ml import inference  # noqa: E402
+from imageiq_spark.ml.classifier import ImageClassifier  # noqa: E402
+from imageiq_spark.ml.models import ModelSpec, build_model  # noqa: E402
+from imageiq_spark.vision.transform import TransformSpec, prepare_batch  # noqa: E402
 
 CASES = (  # architecture, side, images, batch
     ("small_cnn", 32, 8192, 256),
@@ -110,10 +111,10 @@ def run_case(spark: Any, workdir: Path, arch: str, side: int, n: int, batch: int
     def write(df: Any) -> None:
         df.write.mode("overwrite").parquet(out)
 
-    loader = score.DirectoryLoader(str(directory), key=f"bench-{arch}-{time.time()}")
+    loader = inference.DirectoryLoader(str(directory), key=f"bench-{arch}-{time.time()}")
 
     def ours() -> None:
-        write(score.score_tensors(spark.read.format("delta").load(tensors_path), loader,
+        write(inference.score_tensors(spark.read.format("delta").load(tensors_path), loader,
                                   (side, side, 3), 3))
 
     def count_rows(batches: Any) -> Any:  # a closure: pickled by value, the workers import nothing
@@ -127,7 +128,7 @@ def run_case(spark: Any, workdir: Path, arch: str, side: int, n: int, batch: int
               .mapInArrow(count_rows, "rows long"))
 
     def ours_job() -> None:
-        write(score.score_contents(spark.read.format("delta").load(pngs_path), loader, 3))
+        write(inference.score_contents(spark.read.format("delta").load(pngs_path), loader, 3))
 
     stock_batch = predict_batch_udf(make_predict_fn(keras_file, batch), return_type=ArrayType(FloatType()),
                                     batch_size=batch, input_tensor_shapes=[[side, side, 3]])
@@ -168,7 +169,8 @@ def run_case(spark: Any, workdir: Path, arch: str, side: int, n: int, batch: int
     results["predict_s"] = time.perf_counter() - started
     started = time.perf_counter()
     for i in range(0, n, 1024):
-        score.predictions_batch(score.pa.array(ids[i:i + 1024]), probs[i:i + 1024], classifier.labels, 3)
+        inference.predictions_batch(inference.pa.array(ids[i:i + 1024]), probs[i:i + 1024],
+                                    classifier.labels, 3)
     results["rows_s"] = time.perf_counter() - started
     shutil.rmtree(workdir / arch, ignore_errors=True)
     return results

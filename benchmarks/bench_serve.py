@@ -40,7 +40,7 @@ from fastapi import Request  # noqa: E402  (a module-level name: FastAPI resolve
 from benchmarks.common import bench_config, median, table, timed  # noqa: E402
 
 if TYPE_CHECKING:
-    from imageiq_spark.classifier import ImageClassifier
+    from imageiq_spark.ml.classifier import ImageClassifier
 
 CONCURRENCY = (1, 8, 32)
 SECONDS = float(os.environ.get("BENCH_SERVE_SECONDS", "10"))
@@ -80,10 +80,10 @@ def register_model(config, arch: str, side: int) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from imageiq_spark import tracking
-    from imageiq_spark.classifier import ImageClassifier, log_classifier
-    from imageiq_spark.models import ModelSpec, build_model
-    from imageiq_spark.transform import TransformSpec
+    from imageiq_spark.lake import tracking
+    from imageiq_spark.ml.classifier import ImageClassifier, log_classifier
+    from imageiq_spark.ml.models import ModelSpec, build_model
+    from imageiq_spark.vision.transform import TransformSpec
 
     tracking.configure_mlflow(config)
     model = build_model(ModelSpec(arch, side, side, 3, 10, (127.5,) * 3, (64.0,) * 3))
@@ -233,7 +233,7 @@ class Bare:
     @classmethod
     def load(cls, model_uri: str, blobs: list[bytes], batch: int = 32) -> Bare:
         """The registered model loaded and warmed up (one pass of each rate)."""
-        from imageiq_spark.classifier import load_classifier
+        from imageiq_spark.ml.classifier import load_classifier
 
         bare = cls(load_classifier(model_uri), blobs, batch)
         bare.forward_rate(repeats=1), bare.bytes_rate(repeats=1)
@@ -242,7 +242,7 @@ class Bare:
     @functools.cached_property
     def chunks(self) -> list[np.ndarray]:
         """The blobs prepared once, in batches: the forward pass alone is timed."""
-        from imageiq_spark.transform import prepare_batch
+        from imageiq_spark.vision.transform import prepare_batch
 
         tensors, _ = prepare_batch(self.blobs, self.classifier.spec)
         return [tensors[i:i + self.batch] for i in range(0, len(tensors), self.batch)]
@@ -255,7 +255,7 @@ class Bare:
         return len(self.blobs) / median(timed(forward, repeats=repeats))
 
     def bytes_rate(self, repeats: int = 3) -> float:
-        from imageiq_spark.transform import prepare_batch
+        from imageiq_spark.vision.transform import prepare_batch
 
         def from_bytes() -> None:
             for i in range(0, len(self.blobs), self.batch):
@@ -269,8 +269,8 @@ def run_case(workdir: Path, blobs: list[bytes], arch: str, side: int
              ) -> tuple[dict, float, float, list[float]]:
     """({(server, concurrency): load summary}, bare forward images/s, bare bytes images/s, the
     paired ratios: `imageiq serve` at the top concurrency over the bare forward pass just before)."""
-    from imageiq_spark.config import to_dict
-    from imageiq_spark.tracking import tracking_uri
+    from imageiq_spark.core.config import to_dict
+    from imageiq_spark.lake.tracking import tracking_uri
 
     name = f"bench_serve_{arch}"
     config = bench_config(workdir / "lake", mlflow={"registered_model": name}, serve={"alias_poll_s": 0})

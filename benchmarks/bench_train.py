@@ -39,10 +39,10 @@ def measure(workdir: Path) -> dict:
     import pyarrow
     import tensorflow as tf
 
-    from imageiq_spark import models, readers
-    from imageiq_spark.config import from_dict
-    from imageiq_spark.sample_data import load_digits
-    from imageiq_spark.session import get_spark
+    from imageiq_spark.cli.sample_data import load_digits
+    from imageiq_spark.core.config import from_dict
+    from imageiq_spark.lake.session import get_spark
+    from imageiq_spark.ml import models, readers
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = from_dict({"storage": {"root": str(workdir / "lake")},

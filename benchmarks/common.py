@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imageiq_spark.config import Config, from_dict
+from imageiq_spark.core.config import Config, from_dict
 
 BENCH_SPARK_CONF = {
     "spark.master": "local[2]",

@@ -17,7 +17,7 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 from cluster import test_master  # noqa: E402
 
-from imageiq_spark.config import Config, from_dict  # noqa: E402
+from imageiq_spark.core.config import Config, from_dict  # noqa: E402
 
 TEST_SPARK_CONF = {
     # `make test-cluster` runs the suite on separate executor JVMs (IMAGEIQ_TEST_MASTER).
@@ -61,7 +61,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory, s3_server):
-    from imageiq_spark.session import get_spark, local_cluster_home
+    from imageiq_spark.lake.session import get_spark, local_cluster_home
 
     if test_master().startswith("local-cluster"):
         os.environ["SPARK_HOME"] = str(local_cluster_home(tmp_path_factory.mktemp("spark_home")))

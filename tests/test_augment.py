@@ -6,8 +6,8 @@ import images
 import numpy as np
 import tensorflow as tf
 
-from imageiq_spark.config import AugmentConfig
-from imageiq_spark.readers import augmenter
+from imageiq_spark.core.config import AugmentConfig
+from imageiq_spark.ml.readers import augmenter
 
 # Four mid-tone colours (64..191): any mirror moves them, a brightness shift of up to 51 clips none.
 PICTURE = images.quadrants(16, 16) // 2 + 64

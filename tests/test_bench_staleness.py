@@ -44,9 +44,10 @@ def names(files: list[Path]) -> set[str]:
 def test_a_section_measures_the_modules_its_benchmark_imports_and_theirs_but_not_other_stages():
     measured = names(run.measured_files("monitor"))
 
-    assert {"benchmarks/bench_monitor.py", "benchmarks/common.py", "imageiq_spark/monitor.py",
-            "imageiq_spark/drift.py", "imageiq_spark/config.py"} <= measured
-    assert not {"imageiq_spark/serve.py", "imageiq_spark/ingest.py", "benchmarks/bench_serve.py"} & measured
+    assert {"benchmarks/bench_monitor.py", "benchmarks/common.py", "imageiq_spark/stages/monitor/__init__.py",
+            "imageiq_spark/ml/drift.py", "imageiq_spark/core/config.py"} <= measured
+    assert not {"imageiq_spark/serving/serve.py", "imageiq_spark/stages/ingest.py",
+                "benchmarks/bench_serve.py"} & measured
 
 
 def test_a_section_that_runs_the_cli_measures_the_whole_package():

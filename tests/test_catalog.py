@@ -18,13 +18,16 @@ import yaml
 from conftest import make_config
 from mlflow.tracking import MlflowClient
 
-from imageiq_spark import aliases, cli, ingest, lakehouse, preprocess, score, tracking, train
-from imageiq_spark.classifier import ImageClassifier, log_classifier
-from imageiq_spark.config import ConfigError, to_dict
-from imageiq_spark.models import ModelSpec, build_model
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.session import find_jars_dir
-from imageiq_spark.transform import TransformSpec
+from imageiq_spark import cli
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import ConfigError, to_dict
+from imageiq_spark.lake import lakehouse, tracking
+from imageiq_spark.lake.session import find_jars_dir
+from imageiq_spark.ml import aliases
+from imageiq_spark.ml.classifier import ImageClassifier, log_classifier
+from imageiq_spark.ml.models import ModelSpec, build_model
+from imageiq_spark.stages import ingest, preprocess, score, train
+from imageiq_spark.vision.transform import TransformSpec
 
 # Ingest to score with a training run, and a Derby metastore test: `make test-all`.
 pytestmark = pytest.mark.slow

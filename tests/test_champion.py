@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import make_config
 
-from imageiq_spark import champion, tracking
+from imageiq_spark.lake import tracking
+from imageiq_spark.ml import champion
 
 
 class Registry:

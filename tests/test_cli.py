@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import Row
 
 from imageiq_spark.cli import print_rows
-from imageiq_spark.config import load_config, loggable_params
+from imageiq_spark.core.config import load_config, loggable_params
 
 
 @pytest.fixture

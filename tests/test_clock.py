@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from imageiq_spark import cli, duplicates, lakehouse, runs
-from imageiq_spark.clock import UTC, as_utc, utc_from_timestamp, utc_now
+from imageiq_spark import cli
+from imageiq_spark.core.clock import UTC, as_utc, utc_from_timestamp, utc_now
+from imageiq_spark.lake import lakehouse, runs
+from imageiq_spark.stages import duplicates
 
 pytestmark = pytest.mark.tz
 

@@ -20,10 +20,11 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse, preprocess
-from imageiq_spark.config import Config
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.session import local_cluster_home
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import Config
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import local_cluster_home
+from imageiq_spark.stages import ingest, preprocess
 
 BUCKET = "imageiq-cluster"
 MODEL = "imageiq"
@@ -197,7 +198,7 @@ def test_preprocess_losing_an_executor_mid_stage_still_prepares_every_image_once
 
 @pytest.mark.slow  # `make test-cluster`
 def test_score_losing_an_executor_mid_stage_still_scores_every_image_once(spark, tmp_path, many_images):
-    from imageiq_spark import train
+    from imageiq_spark.stages import train
 
     config = make_config(tmp_path, ingest={"source": str(many_images)}, train={"epochs": 1, "batch_size": 32})
     ingest.run(spark, config)

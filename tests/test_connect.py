@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse, preprocess
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.tracking import tracking_uri
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.tracking import tracking_uri
+from imageiq_spark.stages import ingest, preprocess
 
 MODEL = "imageiq"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imageiq_spark.config import load_config
+from imageiq_spark.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EMR = REPO / "deploy" / "emr"

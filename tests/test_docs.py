@@ -13,9 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from imageiq_spark import docs
-from imageiq_spark.cli import build_parser
-from imageiq_spark.config import Config, flatten, to_dict
+from imageiq_spark.cli import build_parser, docs
+from imageiq_spark.core.config import Config, flatten, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MANUAL = REPO / "docs" / "user_manual.md"
@@ -24,7 +23,7 @@ MANUAL = REPO / "docs" / "user_manual.md"
 def test_manual_holds_the_freshly_generated_config_reference():
     text = MANUAL.read_text()
     assert docs.reference() in text, (
-        "docs/user_manual.md is stale: run `python -m imageiq_spark.docs --write docs/user_manual.md`"
+        "docs/user_manual.md is stale: run `python -m imageiq_spark.cli.docs --write docs/user_manual.md`"
     )
 
 

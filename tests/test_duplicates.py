@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from conftest import make_config
 
-from imageiq_spark import duplicates, ingest, lakehouse, phash, similar
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.serving import similar
+from imageiq_spark.stages import duplicates, ingest
+from imageiq_spark.vision import phash
 
 K = 8  # the default duplicates.max_distance
 
@@ -199,7 +202,7 @@ def test_similar_without_embeddings_ranks_by_phash_the_image_itself_first(spark,
 
 
 def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_counted(spark, tmp_path):
-    from imageiq_spark import runs
+    from imageiq_spark.lake import runs
 
     config = make_config(tmp_path)
     original = photo(3)

@@ -14,10 +14,12 @@ from conftest import make_config
 from test_duplicates import image_rows
 from test_score import register
 
-from imageiq_spark import embed, ingest, lakehouse, similar
-from imageiq_spark.classifier import load_classifier
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.transform import prepare_image
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.ml.classifier import load_classifier
+from imageiq_spark.serving import similar
+from imageiq_spark.stages import embed, ingest
+from imageiq_spark.vision.transform import prepare_image
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ from conftest import make_config
 from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 
-from imageiq_spark import evaluate, ingest, lakehouse, metrics, preprocess, train
-from imageiq_spark.classifier import load_classifier, log_classifier
-from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.ml import metrics
+from imageiq_spark.ml.classifier import load_classifier, log_classifier
+from imageiq_spark.stages import evaluate, ingest, preprocess, train
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,12 @@ from conftest import make_config
 from pyspark.sql import Row
 from pyspark.sql.types import StringType, StructField, StructType
 
-from imageiq_spark import docs, lakehouse, models, transform
-from imageiq_spark.config import ConfigError
-from imageiq_spark.transform import TransformSpec, prepare_image
+from imageiq_spark.cli import docs
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.ml import models
+from imageiq_spark.vision import transform
+from imageiq_spark.vision.transform import TransformSpec, prepare_image
 
 
 def _nearest(image: np.ndarray, spec: TransformSpec) -> np.ndarray:

@@ -19,10 +19,11 @@ from conftest import make_config
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse, preprocess, tracking, train
-from imageiq_spark.classifier import load_classifier
-from imageiq_spark.config import Config, to_dict
-from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import Config, to_dict
+from imageiq_spark.lake import lakehouse, tracking
+from imageiq_spark.ml.classifier import load_classifier
+from imageiq_spark.stages import ingest, preprocess, train
 
 
 @pytest.fixture(scope="module")

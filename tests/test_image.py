@@ -18,8 +18,8 @@ from conftest import make_config
 from test_score import register
 from test_serve import free_port
 
-from imageiq_spark.classifier import load_classifier
-from imageiq_spark.sample_data import load_digits
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.ml.classifier import load_classifier
 
 IMAGE = os.environ.get("IMAGEIQ_IMAGE", "localhost/imageiq:0.1.0")
 CONTAINER = Path(__file__).resolve().parents[1] / "deploy" / "container"

@@ -18,10 +18,11 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse
-from imageiq_spark.config import ConfigError
-from imageiq_spark.probe import TOO_MANY_PIXELS, ProbeError, probe
-from imageiq_spark.tables import IMAGES_SCHEMA, QUARANTINE_SCHEMA
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.core.tables import IMAGES_SCHEMA, QUARANTINE_SCHEMA
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest
+from imageiq_spark.vision.probe import TOO_MANY_PIXELS, ProbeError, probe
 
 
 def write(folder: Path, files: dict[str, bytes]) -> None:

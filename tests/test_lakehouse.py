@@ -9,8 +9,8 @@ import io
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import lakehouse
-from imageiq_spark.session import session_conf, spread
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import session_conf, spread
 
 
 def describe_says_delta(spark, location: str) -> bool:

@@ -1,4 +1,4 @@
-"""The lease on a folder (`imageiq_spark.lease`): exclusive, waited for, renewed, taken over once
+"""The lease on a folder (`imageiq_spark.lake.lease`): exclusive, waited for, renewed, taken over once
 stale, and lost when taken over; on local files (no Spark)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imageiq_spark import lease
+from imageiq_spark.lake import lease
 
 
 def test_a_second_holder_is_refused_with_the_holders_identity(tmp_path):

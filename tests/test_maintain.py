@@ -9,9 +9,10 @@ import pytest
 from conftest import make_config
 from images import halves, png, quadrants
 
-from imageiq_spark import ingest, lakehouse, maintain
-from imageiq_spark.config import ConfigError
-from imageiq_spark.session import session_conf
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import session_conf
+from imageiq_spark.stages import ingest, maintain
 
 
 def test_a_retention_under_seven_days_is_refused_while_deltas_check_is_on(spark, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from imageiq_spark import metrics
+from imageiq_spark.ml import metrics
 
 LABELS = ["cat", "dog", "eel", "fox"]
 

@@ -18,9 +18,14 @@ from conftest import make_config
 from pyspark.sql import functions as F
 from scipy import stats
 
-from imageiq_spark import cli, drift, lakehouse, monitor, runs
-from imageiq_spark.config import to_dict
-from imageiq_spark.sample_data import load_digits
+from imageiq_spark import cli
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.cli.status import status
+from imageiq_spark.core.config import to_dict
+from imageiq_spark.lake import lakehouse, runs
+from imageiq_spark.ml import drift
+from imageiq_spark.stages import monitor
+from imageiq_spark.stages.monitor import report as monitor_report
 
 # The digits come sorted by label: a seeded shuffle gives every set all ten classes.
 ORDER = np.random.default_rng(7).permutation(5000)
@@ -119,7 +124,7 @@ def test_an_undisturbed_held_out_batch_raises_no_alert(spark, trained):
 def test_image_profiles_made_before_the_image_columns_get_them_and_keep_their_values(spark, tmp_path):
     from pyspark.sql.types import StructType
 
-    from imageiq_spark import ingest
+    from imageiq_spark.stages import ingest
 
     config = make_config(tmp_path, ingest={"source": str(write_digits(tmp_path / "digits", HELD_OUT[:3]))})
     ingest.run(spark, config)
@@ -166,7 +171,7 @@ def test_job_runs_hold_each_stage_with_its_counts(spark, trained):
 
 def test_status_prints_the_latest_run_of_each_stage_and_what_is_pending(spark, missing_class):
     config, _ = missing_class
-    summary = runs.status(spark, config)
+    summary = status(spark, config)
     assert [r["stage"] for r in summary.runs] == ["ingest", "score", "monitor"]
     # The batch's new images were ingested and scored here, never prepared.
     assert list(summary.pending.values()) == [WITHOUT_THREES, 0]
@@ -219,7 +224,6 @@ def _side(brightness: list[float], labels: dict[str, int]) -> monitor.Distributi
 
 
 def test_the_drift_picture_adds_a_panel_per_alerting_variable_up_to_its_cap():
-    from imageiq_spark import monitor_report
 
     day = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
     metrics = ["accuracy_drop", "brightness_ks", "confidence_ks", "contrast_ks", "format_psi", "height_ks",
@@ -351,7 +355,7 @@ def test_online_predictions_from_the_serving_log_are_a_second_source(spark, miss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imageiq_spark.serve import REQUEST_LOG_SCHEMA
+    from imageiq_spark.serving.serve import REQUEST_LOG_SCHEMA
 
     config, batch = missing_class
     now = datetime.datetime.now(datetime.timezone.utc)

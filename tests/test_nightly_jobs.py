@@ -41,7 +41,7 @@ def test_nightly_train_rejects_the_score_only_model_option():
 
 @pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_manual_spark_submit_lines_run_the_nightly_jobs_locally(tmp_path):
-    from imageiq_spark.sample_data import write_sample_data
+    from imageiq_spark.cli.sample_data import write_sample_data
 
     write_sample_data(tmp_path / "sample", per_class=8)
     common = ["--conf", "conf/local.yaml", "--set", f"storage.root={tmp_path / 'lake'}",

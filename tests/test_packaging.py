@@ -34,7 +34,7 @@ def test_wheel_holds_the_package_entry_point_requirement_ranges_and_the_pinned_l
         (dist_info,) = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
         metadata = archive.read(f"{dist_info}/METADATA").decode()
         entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
-    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "imageiq_spark").glob("*.py")}
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "imageiq_spark").rglob("*.py")}
     assert modules <= names
     data = {"py.typed", "log4j2.properties", "static/index.html"}  # the upload page, the driver JVM's logging
     assert {f"imageiq_spark/{name}" for name in data} <= names

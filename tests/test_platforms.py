@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from imageiq_spark.config import Config, from_dict, parse_set_argument
+from imageiq_spark.core.config import Config, from_dict, parse_set_argument
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "platforms.md"

@@ -23,10 +23,13 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from test_faults import start_cli, write_conf
 
-from imageiq_spark import ingest, lakehouse, preprocess, tables, transform
-from imageiq_spark.config import Config
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.transform import TransformSpec, prepare_image
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core import tables
+from imageiq_spark.core.config import Config
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest, preprocess
+from imageiq_spark.vision import transform
+from imageiq_spark.vision.transform import TransformSpec, prepare_image
 
 LABELS = ("3", "5", "7")
 PER_LABEL = 8
@@ -358,7 +361,8 @@ def test_two_drivers_with_a_commit_in_between_prepare_each_image_exactly_once(sp
                                       str(digit_labels[i])) for i in range(12)])
     ready, go = tmp_path / "ready", tmp_path / "go"
     other = paused_driver.start(write_conf(config, tmp_path / "conf.yaml"), "preprocess",
-                                "imageiq_spark.preprocess:prepare_pending", "-", ready, go, cwd=tmp_path)
+                                "imageiq_spark.stages.preprocess:prepare_pending", "-", ready, go,
+                                cwd=tmp_path)
     paused_driver.wait_for(ready, other)
     # The commit in between: rows of another preprocess version (a relabel or OPTIMIZE is one too).
     other_version = [(ids[0], "0", 0, "train", b"\0" * 12, 2, 2, 3, "other", datetime.datetime(2026, 1, 1))]

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_config
 from pyspark.sql import functions as F
 
-from imageiq_spark import ingest, lakehouse
-from imageiq_spark.probe import TRUNCATED, ImageInfo, ProbeError, probe
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest
+from imageiq_spark.vision.probe import TRUNCATED, ImageInfo, ProbeError, probe
 
 
 def _photo(height: int, width: int, channels: int, dtype: type = np.uint8) -> np.ndarray:

@@ -10,9 +10,11 @@ import yaml
 from conftest import make_config
 from mlflow.tracking import MlflowClient
 
-from imageiq_spark import aliases, cli, lakehouse
-from imageiq_spark.config import ConfigError, to_dict
-from imageiq_spark.tracking import CHAMPION, configure_mlflow, record_alias
+from imageiq_spark import cli
+from imageiq_spark.core.config import ConfigError, to_dict
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.tracking import CHAMPION, configure_mlflow, record_alias
+from imageiq_spark.ml import aliases
 
 NAME = "ops"
 

@@ -13,9 +13,11 @@ from test_duplicates import image_rows
 from test_faults import run_cli, write_conf
 from test_score import register
 
-from imageiq_spark import ingest, lakehouse, quiet
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.session import JVM_OPTIONS, session_settings
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core import quiet
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import JVM_OPTIONS, session_settings
+from imageiq_spark.stages import ingest
 
 #: Lines TensorFlow's C++ core and its CUDA probe print in every process that loads it, Python
 #: warnings as the warnings module prints them, the notices Spark's JVM prints on every local run,
@@ -100,8 +102,8 @@ def test_verbose_brings_back_the_start_up_lines_of_the_python_workers(lake):
 
 @pytest.mark.slow  # a CLI run that trains on two barrier tasks; `make test-all`
 def test_distributed_training_workers_print_none_of_the_start_up_lines(spark, tmp_path):
-    from imageiq_spark import preprocess
-    from imageiq_spark.sample_data import write_sample_data
+    from imageiq_spark.cli.sample_data import write_sample_data
+    from imageiq_spark.stages import preprocess
 
     write_sample_data(tmp_path / "src", per_class=6)
     config = make_config(tmp_path, ingest={"source": str(tmp_path / "src")},

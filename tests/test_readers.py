@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config
 
-from imageiq_spark import readers
-from imageiq_spark.config import ConfigError, TrainConfig
+from imageiq_spark.core.config import ConfigError, TrainConfig
+from imageiq_spark.ml import readers
 
 ROW_SIZE = 4
 

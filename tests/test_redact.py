@@ -1,4 +1,4 @@
-"""No credential in any output: one redaction rule (imageiq_spark/redact.py) for MLflow params and
+"""No credential in any output: one redaction rule (imageiq_spark/core/redact.py) for MLflow params and
 tags, logs, the CLI's messages and `job_runs`, shown on a real run against a real MLflow server
 (SQLite store) whose URI carries a password."""
 
@@ -17,10 +17,11 @@ import pytest
 import yaml
 from conftest import TEST_SPARK_CONF, make_config
 
-from imageiq_spark import cli, lakehouse, session
-from imageiq_spark.config import loggable_params, to_dict
-from imageiq_spark.redact import RedactingFormatter, redact, redact_settings
-from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark import cli
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import loggable_params, to_dict
+from imageiq_spark.core.redact import RedactingFormatter, redact, redact_settings
+from imageiq_spark.lake import lakehouse, session
 
 # One secret of each kind; each string must never appear in any output.
 PASSWORD = "Pw9uriUserinfo"
@@ -83,7 +84,7 @@ def test_the_spark_connect_log_line_hides_its_token(tmp_path, monkeypatch, caplo
             return None
 
     monkeypatch.setattr(session.SparkSession, "builder", Builder())
-    with caplog.at_level(logging.INFO, logger="imageiq_spark.session"):
+    with caplog.at_level(logging.INFO, logger="imageiq_spark.lake.session"):
         session.connect_session(make_config(tmp_path), f"sc://connect.example:15002/;token={CONNECT_TOKEN}",
                                 "imageiq")
     assert "sc://connect.example:15002/;token=***" in caplog.text and CONNECT_TOKEN not in caplog.text

@@ -14,7 +14,8 @@ from conftest import make_config
 from images import halves, png, quadrants
 from pyspark.sql import functions as F
 
-from imageiq_spark import ingest, lakehouse, preprocess, score
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest, preprocess, score
 
 FILES = {"cat/one.png": png(quadrants(20, 30)), "cat/two.png": png(halves(20, 30)),
          "dog/three.png": png(quadrants(24, 24))}

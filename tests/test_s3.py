@@ -15,8 +15,9 @@ import s3server
 from conftest import make_config
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse
-from imageiq_spark.sample_data import write_sample_data
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest
 
 BUCKET = "imageiq-test"
 
@@ -126,7 +127,7 @@ def test_cli_on_s3_takes_endpoint_and_keys_from_aws_environment_and_never_shows_
 def test_python_side_files_round_trip_through_s3_with_the_endpoint_from_the_aws_variables(s3_source):
     """Checkpoints, reports and staging folders written by Python (driver or executor) reach the
     same S3-compatible server as Spark's S3A, from AWS_ENDPOINT_URL_S3 alone."""
-    from imageiq_spark import storage
+    from imageiq_spark.lake import storage
 
     folder = f"s3a://{BUCKET}/files-{uuid.uuid4().hex[:8]}/checkpoints"
 

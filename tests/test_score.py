@@ -20,11 +20,13 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark import ingest, lakehouse, score, tracking
-from imageiq_spark.classifier import ImageClassifier, load_classifier, log_classifier
-from imageiq_spark.models import ModelSpec, build_model
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.transform import TransformSpec
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.lake import lakehouse, tracking
+from imageiq_spark.ml import inference
+from imageiq_spark.ml.classifier import ImageClassifier, load_classifier, log_classifier
+from imageiq_spark.ml.models import ModelSpec, build_model
+from imageiq_spark.stages import ingest, score
+from imageiq_spark.vision.transform import TransformSpec
 
 LABELS = [str(d) for d in range(10)]
 HELD_BACK = 4  # images left out of `images` at first, to arrive later as "new" images
@@ -214,7 +216,7 @@ def test_two_drivers_with_a_commit_in_between_leave_one_row_per_image_and_versio
 
     ready, go = tmp_path / "ready", tmp_path / "go"
     other = paused_driver.start(write_conf(lake, tmp_path / "conf.yaml"), "score",
-                                "imageiq_spark.lakehouse:merge_new_rows", "predictions", ready, go,
+                                "imageiq_spark.lake.lakehouse:merge_new_rows", "predictions", ready, go,
                                 cwd=tmp_path)
     paused_driver.wait_for(ready, other)
 
@@ -333,16 +335,16 @@ def test_worker_cache_serves_a_new_key_with_a_new_model(tmp_path):
     """A changed model (new key) is loaded afresh; the same key is served from the cache."""
     loads: list[str] = []
 
-    class Recorded(score.DirectoryLoader):
+    class Recorded(inference.DirectoryLoader):
         def __call__(self):
             loads.append(self.key)
             return super().__call__()
 
     model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (0.0,) * 3, (1.0,) * 3))
     ImageClassifier(model, LABELS, TransformSpec(size=(32, 32))).save(tmp_path / "m")
-    first = score.cached_model(Recorded(str(tmp_path / "m"), key="k1"), os.cpu_count() or 1)
-    again = score.cached_model(Recorded(str(tmp_path / "m"), key="k1"), 1)
-    other = score.cached_model(Recorded(str(tmp_path / "m"), key="k2"), 1)
+    first = inference.cached_model(Recorded(str(tmp_path / "m"), key="k1"), os.cpu_count() or 1)
+    again = inference.cached_model(Recorded(str(tmp_path / "m"), key="k1"), 1)
+    other = inference.cached_model(Recorded(str(tmp_path / "m"), key="k2"), 1)
     assert first is again and other is not first
     assert loads == ["k1", "k2"]
 
@@ -356,7 +358,7 @@ def test_scoring_without_images_names_the_missing_table(spark, config):
 def test_a_model_from_an_older_transform_revision_loads_with_a_warning(tmp_path, caplog):
     import json
 
-    from imageiq_spark import transform
+    from imageiq_spark.vision import transform
 
     model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (0.0,) * 3, (1.0,) * 3))
     saved = ImageClassifier(model, LABELS, TransformSpec(size=(32, 32))).save(tmp_path / "m")
@@ -378,9 +380,9 @@ def test_online_rows_rank_classes_as_the_prediction_table_does():
     # the id and error columns.
     probs = np.array([[0.1, 0.3, 0.3, 0.2, 0.1], [0.05, 0.05, 0.1, 0.0, 0.8]], np.float32)
     labels = ["cat", "dog", "fox", "owl", "yak"]
-    table_rows = score.predictions_batch(score.pa.array(["a", "b"]), probs, labels, 3).to_pylist()
+    table_rows = inference.predictions_batch(inference.pa.array(["a", "b"]), probs, labels, 3).to_pylist()
 
-    online = score.prediction_rows(probs, labels, 3)
+    online = inference.prediction_rows(probs, labels, 3)
 
     assert online == [{key: row[key] for key in ("predicted_label", "confidence", "top_k")}
                       for row in table_rows]

@@ -30,9 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import functions as F
 from test_score import LABELS, register
 
-from imageiq_spark import ingest, lakehouse, score
-from imageiq_spark.config import to_dict
-from imageiq_spark.sample_data import load_digits
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core.config import to_dict
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.stages import ingest, score
 
 IMAGEIQ = Path(sys.executable).parent / "imageiq"
 AGREEMENT, AGREEMENT_SLOW = 50, 200  # images compared over HTTP and in `predictions`
@@ -468,7 +469,7 @@ def gathered(recent_images: int, queued: int, arriving_after_s: float | None = N
     `arriving_after_s`."""
     import asyncio
 
-    from imageiq_spark.serve import MicroBatcher, _Job
+    from imageiq_spark.serving.serve import MicroBatcher, _Job
 
     model = object()
 

@@ -30,9 +30,9 @@ from conftest import make_config
 from test_score import register
 from test_serve import ServerProcess, crafted_png
 
-from imageiq_spark.config import ConfigError, ServeConfig
-from imageiq_spark.sample_data import load_digits
-from imageiq_spark.serve_limits import TOKEN_ENV, read_token
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core.config import ConfigError, ServeConfig
+from imageiq_spark.serving.limits import TOKEN_ENV, read_token
 
 TOKEN = "s3cret-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

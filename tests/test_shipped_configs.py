@@ -13,8 +13,8 @@ import pytest
 import yaml
 from test_deploy import rendered
 
-from imageiq_spark import readers
-from imageiq_spark.config import Config, ConfigError, from_dict, load_config
+from imageiq_spark.core.config import Config, ConfigError, from_dict, load_config
+from imageiq_spark.ml import readers
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),

@@ -9,8 +9,10 @@ import pytest
 from conftest import make_config
 from test_duplicates import image_rows, variants
 
-from imageiq_spark import duplicates, ingest, lakehouse, preprocess, splits
-from imageiq_spark.sample_data import load_digits
+from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.ml import splits
+from imageiq_spark.stages import duplicates, ingest, preprocess
 
 
 def add_images(spark, config, contents: dict[str, bytes]) -> list[str]:

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from imageiq_spark.tensors import binary_from_tensors, binary_views, tensors_from_binary
+from imageiq_spark.core.tensors import binary_from_tensors, binary_views, tensors_from_binary
 
 X = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
 

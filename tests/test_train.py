@@ -17,11 +17,13 @@ from conftest import TRAIN_READER, make_config
 from delta.tables import DeltaTable
 from mlflow.tracking import MlflowClient
 
-from imageiq_spark import ingest, lakehouse, preprocess, readers, train
-from imageiq_spark.classifier import load_classifier
-from imageiq_spark.config import flatten, to_dict
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.tracking import configure_mlflow, tracking_uri
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import flatten, to_dict
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.tracking import configure_mlflow, tracking_uri
+from imageiq_spark.ml import readers
+from imageiq_spark.ml.classifier import load_classifier
+from imageiq_spark.stages import ingest, preprocess, train
 
 FAST = {"epochs": 6, "batch_size": 16, "patience": 10, "shuffle_buffer": 256}
 
@@ -220,7 +222,7 @@ def test_training_killed_with_sigkill_resumes_its_mlflow_run_and_finishes_it(spa
 
 @pytest.mark.slow  # MobileNetV2 on CPU; `make test-all`
 def test_mobilenet_v2_without_pretrained_weights_trains_a_few_steps_and_scores(spark, lake):
-    from imageiq_spark import score
+    from imageiq_spark.stages import score
 
     _, config = lake
     config = config.with_overrides({"train.model": "mobilenet_v2", "train.weights": "none",
@@ -270,9 +272,9 @@ def test_training_logs_one_progress_line_per_epoch(caplog):
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     x, y = np.zeros((8, 2), "float32"), np.zeros(8, "int32")
 
-    with caplog.at_level("INFO", logger="imageiq_spark.train"):
+    with caplog.at_level("INFO", logger="imageiq_spark.stages.train"):
         model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[train.EpochProgress(2)])
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "imageiq_spark.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "imageiq_spark.stages.train"]
     assert [line.split(":")[1] for line in lines] == [" epoch 1/2", " epoch 2/2"]
     assert all("loss " in line and "val_accuracy " in line and line.endswith(" s)") for line in lines)

@@ -8,9 +8,9 @@ import pytest
 from conftest import make_config
 from mlflow.tracking import MlflowClient
 
-from imageiq_spark import ingest, preprocess, train
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.tracking import configure_mlflow
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.lake.tracking import configure_mlflow
+from imageiq_spark.stages import ingest, preprocess, train
 
 
 @pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores

@@ -13,10 +13,12 @@ from conftest import make_config
 from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 
-from imageiq_spark import cli, ingest, lakehouse, preprocess, train
-from imageiq_spark.config import to_dict
-from imageiq_spark.sample_data import write_sample_data
-from imageiq_spark.tracking import configure_mlflow
+from imageiq_spark import cli
+from imageiq_spark.cli.sample_data import write_sample_data
+from imageiq_spark.core.config import to_dict
+from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.tracking import configure_mlflow
+from imageiq_spark.stages import ingest, preprocess, train
 
 TINY = {"epochs": 2, "batch_size": 16, "patience": 10, "shuffle_buffer": 64}
 
@@ -91,7 +93,7 @@ def test_a_relabelled_image_or_a_changed_train_config_trains_again(spark, lake):
 
 def test_a_second_train_on_the_same_data_waits_for_the_lease_then_exits_1_naming_the_holder(
         spark, lake, tmp_path, capsys):
-    from imageiq_spark import lease
+    from imageiq_spark.lake import lease
 
     _, config = lake
     waiting = config.with_overrides({"train.lease_wait_s": 1})

@@ -9,7 +9,7 @@ import images
 import numpy as np
 import pytest
 
-from imageiq_spark.transform import (
+from imageiq_spark.vision.transform import (
     ImageDecodeError,
     TransformSpec,
     jpeg_size,

@@ -1,0 +1,1 @@
+"""Answers about one image: the HTTP server, its limits, similar images."""

@@ -1,0 +1,1 @@
+"""Images as numpy: the transform, header probe, perceptual hashes, the preprocess Arrow UDF."""
