@@ -30,7 +30,7 @@ def build_lake(spark, config) -> None:
     from pyspark.sql import functions as F
 
     from imageiq_spark.lake import lakehouse, tracking
-    from imageiq_spark.stages import monitor
+    from imageiq_spark.stages.monitor.profiles import update_image_profiles
 
     tracking.configure_mlflow(config)
     name = config.mlflow.registered_model
@@ -71,29 +71,30 @@ def build_lake(spark, config) -> None:
         arrived.alias("scored_at"), "label",
     ).withColumn("score_date", F.to_date("scored_at"))
     predictions.write.format("delta").save(lakehouse.table_location(config, "predictions"))
-    monitor.update_image_profiles(spark, config)  # nothing to add: a no-op, as on a steady lake
+    update_image_profiles(spark, config)  # nothing to add: a no-op, as on a steady lake
 
 
 def run(workdir: Path) -> str:
     from imageiq_spark.lake import lakehouse
     from imageiq_spark.lake.session import get_spark
     from imageiq_spark.stages import monitor
+    from imageiq_spark.stages.monitor import counts, windows
 
     shutil.rmtree(workdir, ignore_errors=True)
     config = bench_config(workdir / "lake", monitor={"lookback_days": DAYS + 1})
     spark = get_spark(config, app_name="bench-monitor")
     build_lake(spark, config)
-    model = monitor.champion(config)
+    model = windows.champion(config)
     since = datetime.datetime.now() - datetime.timedelta(days=DAYS + 1)
 
     def scan(name: str) -> Callable[[], None]:
         return lambda: lakehouse.read_table(spark, config, name).write.format("noop").mode("overwrite").save()
 
     def computation() -> None:
-        sides = monitor.collect_sides(monitor.population(spark, config, model, since))
-        baseline = sides.pop((monitor.BASELINE, None))
+        sides = counts.collect_sides(windows.population(spark, config, model, since))
+        baseline = sides.pop((counts.BASELINE, None))
         for side in sides.values():
-            monitor.drift_metrics(baseline, side)
+            counts.drift_metrics(baseline, side)
 
     scan("predictions")()  # warm the session and the file cache once, untimed
     scan("image_profiles")()

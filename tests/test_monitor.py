@@ -26,6 +26,18 @@ from imageiq_spark.lake import lakehouse, runs
 from imageiq_spark.ml import drift
 from imageiq_spark.stages import monitor
 from imageiq_spark.stages.monitor import report as monitor_report
+from imageiq_spark.stages.monitor.alerts import Alert
+from imageiq_spark.stages.monitor.counts import (
+    BASELINE,
+    BATCH,
+    ONLINE,
+    Distributions,
+    collect_sides,
+    decode_side,
+    drift_metrics,
+    side_code,
+)
+from imageiq_spark.stages.monitor.profiles import IMAGE_PROFILES_SCHEMA, update_image_profiles
 
 # The digits come sorted by label: a seeded shuffle gives every set all ten classes.
 ORDER = np.random.default_rng(7).permutation(5000)
@@ -130,14 +142,14 @@ def test_image_profiles_made_before_the_image_columns_get_them_and_keep_their_va
     ingest.run(spark, config)
     images = {r.image_id: r for r in lakehouse.read_table(spark, config, "images").collect()}
     first = sorted(images)[0]
-    older = StructType(monitor.IMAGE_PROFILES_SCHEMA.fields[:5])  # the schema before the image columns
+    older = StructType(IMAGE_PROFILES_SCHEMA.fields[:5])  # the schema before the image columns
     lakehouse.ensure_table(spark, config, "image_profiles", older)
     lakehouse.merge_new_rows(config, "image_profiles", spark.createDataFrame(
         [(first, 1.0, 2.0, 3.0, datetime.datetime(2026, 1, 1))], older), ["image_id"])
 
-    assert monitor.update_image_profiles(spark, config) == 2
+    assert update_image_profiles(spark, config) == 2
     profiles = lakehouse.read_table(spark, config, "image_profiles")
-    assert profiles.schema == monitor.IMAGE_PROFILES_SCHEMA
+    assert profiles.schema == IMAGE_PROFILES_SCHEMA
     rows = {r.image_id: r for r in profiles.collect()}
     assert sorted(rows) == sorted(images)
     for image, row in rows.items():
@@ -216,11 +228,11 @@ def test_the_drift_report_is_a_picture_and_a_table(missing_class):
     assert "![predicted label mix, confidence](drift.png)" in text
 
 
-def _side(brightness: list[float], labels: dict[str, int]) -> monitor.Distributions:
+def _side(brightness: list[float], labels: dict[str, int]) -> Distributions:
     values, counts = np.unique(np.round(brightness, 2), return_counts=True)
     grids = {name: (values, counts) for name in ("brightness", "contrast", "sharpness", "width", "height")}
-    return monitor.Distributions(categories={"label": labels, "format": {"png": 5}, "correct": {"true": 5}},
-                                 grids={**grids, "confidence": (np.array([0.5, 0.9]), np.array([2, 3]))})
+    return Distributions(categories={"label": labels, "format": {"png": 5}, "correct": {"true": 5}},
+                         grids={**grids, "confidence": (np.array([0.5, 0.9]), np.array([2, 3]))})
 
 
 def test_the_drift_picture_adds_a_panel_per_alerting_variable_up_to_its_cap():
@@ -229,7 +241,7 @@ def test_the_drift_picture_adds_a_panel_per_alerting_variable_up_to_its_cap():
     metrics = ["accuracy_drop", "brightness_ks", "confidence_ks", "contrast_ks", "format_psi", "height_ks",
                "label_js", "label_psi", "quarantine_rate", "sharpness_ks", "width_ks"]
     severity = {"label_psi": "critical"}
-    alerts = [monitor.Alert(m, monitor.BATCH, day, 0.5 + i / 100, 0.3, severity.get(m, "warning"))
+    alerts = [Alert(m, BATCH, day, 0.5 + i / 100, 0.3, severity.get(m, "warning"))
               for i, m in enumerate(metrics)]
     baseline, window = _side([120.0, 130.0, 140.0], {"3": 2, "5": 3}), _side([70.5, 80.0], {"5": 5})
 
@@ -272,26 +284,26 @@ def samples(spark):
     rows = ([("baseline", None, str(label), float(c)) for label, c in zip(base_labels, base)]
             + [("batch", day, str(label), float(c)) for label, c in zip(window_labels, window)])
     df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
-    counted = monitor.collect_sides([df])
+    counted = collect_sides([df])
     sides = [counted[("baseline", None)], counted[("batch", day)]]
-    return base, window, base_labels, window_labels, monitor.drift_metrics(*sides)
+    return base, window, base_labels, window_labels, drift_metrics(*sides)
 
 
 def test_each_source_and_window_survive_their_integer_side_code(spark):
     utc = datetime.timezone.utc  # window starts come back as aware UTC
     noon = datetime.datetime(2026, 3, 29, 12, 0, tzinfo=utc)
-    sides = [(monitor.BASELINE, None), (monitor.BATCH, noon), (monitor.ONLINE, noon),
-             (monitor.BATCH, datetime.datetime(1969, 12, 31, 23, 0, tzinfo=utc))]
+    sides = [(BASELINE, None), (BATCH, noon), (ONLINE, noon),
+             (BATCH, datetime.datetime(1969, 12, 31, 23, 0, tzinfo=utc))]
     rows = spark.createDataFrame(sides, "source STRING, window_start TIMESTAMP")
-    codes = [r[0] for r in rows.select(monitor.side_code(rows["source"], rows["window_start"])).collect()]
-    assert [monitor.decode_side(code) for code in codes] == sides
+    codes = [r[0] for r in rows.select(side_code(rows["source"], rows["window_start"])).collect()]
+    assert [decode_side(code) for code in codes] == sides
 
 
 def test_partitions_without_rows_are_counted_as_nothing(spark):
     rows = [("baseline", None, "a", 0.9), ("baseline", None, "b", 0.4)]
     df = spark.createDataFrame(rows, "source string, window_start timestamp, label string, confidence double")
 
-    counted = monitor.collect_sides([df.repartition(6)])  # four of the six partitions hold no row
+    counted = collect_sides([df.repartition(6)])  # four of the six partitions hold no row
 
     assert counted.keys() == {("baseline", None)}
     assert counted[("baseline", None)].categories["label"] == {"a": 1, "b": 1}
@@ -301,7 +313,7 @@ def test_null_values_are_not_counted_and_other_variables_of_the_row_are(spark):
     rows = [("baseline", "a", 0.9, "true"), ("baseline", "b", None, None), ("baseline", None, 0.5, "false")]
     df = spark.createDataFrame(rows, "source string, label string, confidence double, correct string")
 
-    (side,) = monitor.collect_sides([df.withColumn("window_start", F.lit(None).cast("timestamp"))]).values()
+    (side,) = collect_sides([df.withColumn("window_start", F.lit(None).cast("timestamp"))]).values()
 
     assert side.categories == {"label": {"a": 1, "b": 1}, "correct": {"true": 1, "false": 1}}
     values, counts = side.grids["confidence"]

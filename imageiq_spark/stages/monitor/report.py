@@ -1,6 +1,7 @@
-"""The picture of `imageiq monitor`'s drift report: the newest window against the champion's baseline.
+"""`imageiq monitor`'s report of the newest window against the champion's baseline: a picture and
+a Markdown table under storage.root (also logged to an MLflow run), and node-exporter's textfile.
 
-It always shows the predicted label mix and the confidence, and beside them the distribution of
+The picture always shows the predicted label mix and the confidence, and beside them the distribution of
 every other variable a drift metric alerted on in the window (a brightness alert brings the
 brightness CDFs, the KS statistic's gap marked). Everything comes from the counts `monitor`
 already collected for the drift statistics: drawing reads no table.
@@ -8,16 +9,24 @@ already collected for the drift statistics: drawing reads no table.
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from imageiq_spark.core.config import Config
+from imageiq_spark.lake import lakehouse
 from imageiq_spark.ml import drift
 from imageiq_spark.ml.metrics import figure_png, plt
-from imageiq_spark.stages.monitor import QUANTUM, Alert, Distributions, aligned_counts
+from imageiq_spark.stages.monitor.alerts import Alert, thresholds
+from imageiq_spark.stages.monitor.counts import QUANTUM, Distributions, aligned_counts
+from imageiq_spark.stages.monitor.windows import Champion
 
 #: The variable whose baseline and window distributions each drift metric compares. A metric not
 #: here (quarantine_rate: a share of files, with no baseline) has no panel; the title names it.
@@ -133,3 +142,87 @@ def _cdfs(ax: Axes, variable: str, baseline: Distributions, window: Distribution
               label=f"largest gap {abs(cdf_base[at] - cdf_window[at]):.3f}")
     ax.set_xlabel(variable)
     ax.set_ylabel("share of images at or below")
+
+
+# --- the report and the Prometheus textfile ------------------------------------------------------
+
+
+def markdown_report(model: Champion, window: datetime.datetime, values: dict[str, float],
+                    limits: dict[str, float | None], alerts: Sequence[Alert], picture: str,
+                    panels: list[str]) -> str:
+    """The window's metrics against their thresholds (`alerts`: the window's), and the picture."""
+    raised = {a.metric for a in alerts}
+    lines = [f"# Drift of {model.name} version {model.version}, window {window:%Y-%m-%d %H:%M}", "",
+             f"Baseline: the champion's training data (preprocess version {model.preprocess_version}, "
+             f"prepared before {model.trained_at:%Y-%m-%d %H:%M:%S} UTC).", "",
+             "| metric | value | threshold | alert |", "|---|---|---|---|"]
+    for metric, value in sorted(values.items()):
+        limit = limits.get(metric)
+        lines.append(f"| {metric} | {value:.4f} | {'-' if limit is None else limit} | "
+                     f"{'**yes**' if metric in raised else ''} |")
+    lines += ["", f"![{', '.join(panels)}]({picture})", ""]
+    return "\n".join(lines)
+
+
+def write_report(config: Config, model: Champion, baseline: Distributions, window: Distributions,
+                 start: datetime.datetime, latest: dict[str, float], alerts: Sequence[Alert]) -> str:
+    """PNG + Markdown of the latest window (its metrics `latest`, its `alerts`) under storage.root,
+    also logged to an MLflow run."""
+    import mlflow
+
+    from imageiq_spark.lake.storage import write_bytes
+    from imageiq_spark.lake.tracking import configure_mlflow, redact_run_tags
+
+    picture = "drift.png"
+    png, panels = drift_picture(baseline, window, alerts,
+                                f"{model.name} v{model.version}, window {start:%Y-%m-%d %H:%M}")
+    text = markdown_report(model, start, latest, thresholds(config), alerts, picture, panels)
+    folder = lakehouse.lake_path(config, "reports", "monitor", config.catalog.database, model.name,
+                                 f"v{model.version}", f"{start:%Y%m%dT%H%M}")
+    write_bytes(f"{folder}/{picture}", png)
+    write_bytes(f"{folder}/report.md", text.encode())
+    configure_mlflow(config)
+    with mlflow.start_run(run_name=f"monitor {start:%Y-%m-%d %H:%M}",
+                          tags={"imageiq.stage": "monitor", "model_version": model.version}), \
+            TemporaryDirectory() as tmp:
+        redact_run_tags(mlflow.active_run().info.run_id)
+        mlflow.log_metrics({k: v for k, v in latest.items() if np.isfinite(v)})
+        (Path(tmp) / picture).write_bytes(png)
+        (Path(tmp) / "report.md").write_text(text)
+        mlflow.log_artifacts(tmp, artifact_path="monitor")
+    return f"{folder}/report.md"
+
+
+def textfile_path(config: Config) -> str | None:
+    if config.monitor.textfile:
+        return config.monitor.textfile
+    root = config.storage.root
+    if "://" in root or root.startswith("dbfs:"):
+        return None
+    return str(Path(root) / "monitor" / f"{config.catalog.database}.prom")
+
+
+def write_textfile(config: Config, model: Champion, latest: dict[str, float], alerts: Sequence[Alert]) -> str:
+    """The latest window's values (`latest`, its `alerts`) in node-exporter's textfile-collector
+    format (written atomically)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    path = textfile_path(config)
+    if path is None:
+        return ""
+    registry = CollectorRegistry()
+    labels = ["metric", "model_name", "model_version"]
+    values = Gauge("imageiq_drift", "Drift of the latest monitored window against the champion's baseline",
+                   labels, registry=registry)
+    breached = Gauge("imageiq_drift_alert", "1 when the metric breaches its threshold in the latest window",
+                     labels, registry=registry)
+    raised = {a.metric for a in alerts}
+    for metric, value in latest.items():
+        values.labels(metric, model.name, model.version).set(value)
+        breached.labels(metric, model.name, model.version).set(1 if metric in raised else 0)
+    Gauge("imageiq_monitor_last_run_timestamp_seconds", "When monitoring last ran",
+          registry=registry).set(time.time())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(path, registry)
+    return path
+
