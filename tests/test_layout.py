@@ -92,3 +92,28 @@ def test_no_import_cycle():
 
     cycles = [c for m in sorted(GRAPH) if (c := cycle_from(m))]
     assert cycles == []
+
+
+
+def readme_tree() -> list[str]:
+    """The files the README's Layout section lists in its tree (four spaces a level, a name, then
+    what it holds)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    paths, folders = [], []
+    for line in filter(str.strip, tree.splitlines()):
+        depth, name = (len(line) - len(line.lstrip(" "))) // 4, line.split()[0]
+        folders[depth:] = [name.rstrip("/")] if name.endswith("/") else []
+        if name.endswith(".py"):
+            paths.append("/".join([*folders[:depth], name]))
+    return paths
+
+
+def holds_code(path: Path) -> bool:
+    """A module with more than a docstring (a layer's `__init__` holds only its description)."""
+    return len(ast.parse(path.read_text()).body) > 1
+
+
+def test_the_readme_layout_lists_every_module_once_and_nothing_else():
+    modules = [p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py") if holds_code(p)]
+    assert sorted(readme_tree()) == sorted(modules)

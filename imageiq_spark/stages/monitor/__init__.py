@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,6 @@ from imageiq_spark.stages.monitor.counts import (
 from imageiq_spark.stages.monitor.profiles import update_image_profiles
 from imageiq_spark.stages.monitor.windows import Champion, champion, population, quarantine_rates, window_end
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The key columns of `monitor_profiles` and `monitor_drift`: one row per window, source, model, metric.
