@@ -137,7 +137,7 @@ def test_pods_mount_a_config_the_code_accepts():
 
 
 def test_serving_deployment_probes_the_v2_health_routes_on_the_served_port():
-    from imageiq_spark.serving.serve import create_app
+    from imageiq_spark.serving.app import create_app
 
     deployment = one("serve-deployment.yaml")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]

@@ -367,7 +367,7 @@ def test_online_predictions_from_the_serving_log_are_a_second_source(spark, miss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imageiq_spark.serving.serve import REQUEST_LOG_SCHEMA
+    from imageiq_spark.serving.request_log import REQUEST_LOG_SCHEMA
 
     config, batch = missing_class
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -469,7 +469,7 @@ def gathered(recent_images: int, queued: int, arriving_after_s: float | None = N
     `arriving_after_s`."""
     import asyncio
 
-    from imageiq_spark.serving.serve import MicroBatcher, _Job
+    from imageiq_spark.serving.batcher import MicroBatcher, _Job
 
     model = object()
 

@@ -164,9 +164,9 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     if args.command == "serve":  # no Spark: the server holds only the model
-        from imageiq_spark.serving import serve
+        from imageiq_spark.serving import app
 
-        serve.run(config, args.model, args.host, args.port)
+        app.run(config, args.model, args.host, args.port)
         return 0
 
     from imageiq_spark.lake.session import get_spark, platform_managed
