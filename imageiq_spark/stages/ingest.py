@@ -36,6 +36,7 @@ from pyspark.sql.types import (
 
 from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config, ConfigError
+from imageiq_spark.core.summary import aligned
 from imageiq_spark.core.tables import IMAGES_SCHEMA, QUARANTINE_KEYS, QUARANTINE_SCHEMA, schema
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.runs import RunCounts
@@ -92,14 +93,14 @@ class IngestSummary:
     def lines(self) -> list[str]:
         rate = self.files_seen / self.elapsed_s if self.elapsed_s else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
-        return [
-            f"files seen:   {self.files_seen}",
-            f"new images:   {self.new_images}",
-            f"duplicates:   {self.duplicates}",
-            f"quarantined:  {sum(self.quarantined.values())} ({reasons})",
-            f"relabelled:   {self.relabelled}",
-            f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
-        ]
+        return aligned([
+            ("files seen", self.files_seen),
+            ("new images", self.new_images),
+            ("duplicates", self.duplicates),
+            ("quarantined", f"{sum(self.quarantined.values())} ({reasons})"),
+            ("relabelled", self.relabelled),
+            ("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"),
+        ])
 
 
 def extension_glob(extensions: list[str]) -> str:

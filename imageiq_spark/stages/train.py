@@ -64,6 +64,7 @@ with native_stderr_muted():
     import tf_keras as keras  # noqa: E402
 
 from imageiq_spark.core.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
+from imageiq_spark.core.summary import aligned  # noqa: E402
 from imageiq_spark.lake import lakehouse, storage  # noqa: E402
 from imageiq_spark.lake.lease import Lease, hold  # noqa: E402
 from imageiq_spark.lake.runs import RunCounts  # noqa: E402
@@ -154,18 +155,18 @@ class TrainSummary:
         previous = ("none" if self.champion_val_accuracy is None
                     else f"{self.champion_val_accuracy:.4f}")
         resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
-        return [
-            f"model: {self.model}, {self.workers} worker(s), reader {self.reader}",
-            f"data: prepared Delta version {self.prepared_version}, {self.train_rows} train / "
-            f"{self.val_rows} val images",
-            f"epochs run: {self.epochs_run}{resumed}, best epoch {self.best_epoch + 1}",
-            f"best val accuracy: {self.val_accuracy:.4f}, val loss: {self.val_loss:.4f}",
-            f"registered version: {self.version}, alias: {self.alias} (champion's val accuracy "
-            f"on the same images: {previous})",
-            f"gate: {self.gate_reason}",
-            f"mlflow run: {self.run_id}",
-            f"elapsed: {self.elapsed_s:.1f} s",
-        ]
+        return aligned([
+            ("model", f"{self.model}, {self.workers} worker(s), reader {self.reader}"),
+            ("data", f"prepared Delta version {self.prepared_version}, {self.train_rows} train / "
+                     f"{self.val_rows} val images"),
+            ("epochs run", f"{self.epochs_run}{resumed}, best epoch {self.best_epoch + 1}"),
+            ("best val accuracy", f"{self.val_accuracy:.4f}, val loss: {self.val_loss:.4f}"),
+            ("registered version", f"{self.version}, alias: {self.alias} (champion's val accuracy "
+                                   f"on the same images: {previous})"),
+            ("gate", self.gate_reason),
+            ("mlflow run", self.run_id),
+            ("elapsed", f"{self.elapsed_s:.1f} s"),
+        ])
 
 
 @dataclass
@@ -183,11 +184,12 @@ class TrainSkipped:
         return RunCounts(read=0, written=0, model_version=self.version)
 
     def lines(self) -> list[str]:
-        return [
-            f"skipped: {self.reason}",
-            f"data: prepared Delta version {self.prepared_version}; training fingerprint {self.fingerprint}",
-            f"registered version: {self.version} (unchanged); `imageiq train --force` trains anyway",
-        ]
+        return aligned([
+            ("skipped", self.reason),
+            ("data", f"prepared Delta version {self.prepared_version}; "
+                     f"training fingerprint {self.fingerprint}"),
+            ("registered version", f"{self.version} (unchanged); `imageiq train --force` trains anyway"),
+        ])
 
 
 # ----------------------------------------------------------------------------------- the worker
