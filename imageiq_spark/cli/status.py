@@ -14,7 +14,7 @@ from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import COUNTED
 from imageiq_spark.lake.tracking import CHAMPION
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 
 def latest_runs(job_runs: DataFrame) -> DataFrame:

@@ -17,7 +17,7 @@ from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.ml.prepared import SPLITS
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 log = logging.getLogger(__name__)
 
