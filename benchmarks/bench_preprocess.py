@@ -27,8 +27,9 @@ from imageiq_spark.core.config import Config
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.session import get_spark, session_conf
 from imageiq_spark.stages import ingest, preprocess
-from imageiq_spark.vision import transform
-from imageiq_spark.vision.transform import TransformSpec, jpeg_size, reduction_factor
+from imageiq_spark.vision import decode, resize, transform
+from imageiq_spark.vision.decode import jpeg_size, reduction_factor
+from imageiq_spark.vision.spec import TransformSpec
 
 REPEATS = 3
 SETS = (  # name, count, stored (height, width), target size
@@ -106,12 +107,12 @@ def per_image_costs(contents: list[bytes], target: tuple[int, int]) -> list[floa
     sample = [np.frombuffer(data, np.uint8) for data in contents[:200]]
     spec = TransformSpec(size=target)
     full = [cv2.imdecode(data, cv2.IMREAD_COLOR) for data in sample]
-    ours = [transform.decode(data, spec) for data in sample]
+    ours = [decode.decode(data, spec) for data in sample]
     steps = (
         lambda: [cv2.imdecode(data, cv2.IMREAD_COLOR) for data in sample],
         lambda: [cv2.resize(image, target[::-1], interpolation=cv2.INTER_AREA) for image in full],
-        lambda: [transform.decode(data, spec) for data in sample],
-        lambda: [transform.resize(image, spec) for image in ours],
+        lambda: [decode.decode(data, spec) for data in sample],
+        lambda: [resize.resize(image, spec) for image in ours],
     )
     return [1000 * median(timed(step, repeats=REPEATS)) / len(sample) for step in steps]
 

@@ -33,7 +33,8 @@ from imageiq_spark.lake.session import get_spark, session_conf  # noqa: E402
 from imageiq_spark.ml import inference  # noqa: E402
 from imageiq_spark.ml.classifier import ImageClassifier  # noqa: E402
 from imageiq_spark.ml.models import ModelSpec, build_model  # noqa: E402
-from imageiq_spark.vision.transform import TransformSpec, prepare_batch  # noqa: E402
+from imageiq_spark.vision.spec import TransformSpec  # noqa: E402
+from imageiq_spark.vision.transform import prepare_batch  # noqa: E402
 
 CASES = (  # architecture, side, images, batch
     ("small_cnn", 32, 8192, 256),

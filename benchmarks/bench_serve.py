@@ -83,7 +83,7 @@ def register_model(config, arch: str, side: int) -> str:
     from imageiq_spark.lake import tracking
     from imageiq_spark.ml.classifier import ImageClassifier, log_classifier
     from imageiq_spark.ml.models import ModelSpec, build_model
-    from imageiq_spark.vision.transform import TransformSpec
+    from imageiq_spark.vision.spec import TransformSpec
 
     tracking.configure_mlflow(config)
     model = build_model(ModelSpec(arch, side, side, 3, 10, (127.5,) * 3, (64.0,) * 3))

@@ -46,7 +46,7 @@ def test_a_section_measures_the_modules_its_benchmark_imports_and_theirs_but_not
 
     assert {"benchmarks/bench_monitor.py", "benchmarks/common.py", "imageiq_spark/stages/monitor/__init__.py",
             "imageiq_spark/ml/drift.py", "imageiq_spark/core/config.py"} <= measured
-    assert not {"imageiq_spark/serving/app.py", "imageiq_spark/stages/ingest.py",
+    assert not {"imageiq_spark/serving/app.py", "imageiq_spark/stages/ingest/__init__.py",
                 "benchmarks/bench_serve.py"} & measured
 
 

@@ -27,7 +27,7 @@ from imageiq_spark.ml import aliases
 from imageiq_spark.ml.classifier import ImageClassifier, log_classifier
 from imageiq_spark.ml.models import ModelSpec, build_model
 from imageiq_spark.stages import ingest, preprocess, score, train
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 # Ingest to score with a training run, and a Derby metastore test: `make test-all`.
 pytestmark = pytest.mark.slow

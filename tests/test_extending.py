@@ -14,10 +14,12 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from imageiq_spark.cli import docs
 from imageiq_spark.core.config import ConfigError
+from imageiq_spark.core.registry import RESIZE_POLICIES
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.ml import models
-from imageiq_spark.vision import transform
-from imageiq_spark.vision.transform import TransformSpec, prepare_image
+from imageiq_spark.vision.resize import resize_policy
+from imageiq_spark.vision.spec import TransformSpec
+from imageiq_spark.vision.transform import prepare_image
 
 
 def _nearest(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
@@ -28,9 +30,9 @@ def _nearest(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
 
 @pytest.fixture
 def nearest_policy() -> Iterator[str]:
-    transform.resize_policy("nearest", covers=True)(_nearest)
+    resize_policy("nearest", covers=True)(_nearest)
     yield "nearest"
-    del transform.RESIZE_POLICIES["nearest"]
+    del RESIZE_POLICIES["nearest"]
 
 
 @pytest.fixture

@@ -26,10 +26,12 @@ from test_faults import start_cli, write_conf
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import tables
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.registry import RESIZE_POLICIES
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.stages import ingest, preprocess
-from imageiq_spark.vision import transform
-from imageiq_spark.vision.transform import TransformSpec, prepare_image
+from imageiq_spark.vision.resize import resize_policy
+from imageiq_spark.vision.spec import TransformSpec
+from imageiq_spark.vision.transform import prepare_image
 
 LABELS = ("3", "5", "7")
 PER_LABEL = 8
@@ -190,9 +192,9 @@ def square_only_policy() -> Iterator[str]:
 
     # By value: the Python workers cannot import this test module.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    transform.resize_policy("square_only", covers=True)(_square_only)
+    resize_policy("square_only", covers=True)(_square_only)
     yield "square_only"
-    del transform.RESIZE_POLICIES["square_only"]
+    del RESIZE_POLICIES["square_only"]
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 

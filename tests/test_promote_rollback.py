@@ -65,7 +65,8 @@ def test_promote_moves_registry_and_table_and_records_the_reason(spark, lake):
     moved = aliases.promote(spark, lake, "1", "v3 mislabels night photos")
 
     history = (lakehouse.read_table(spark, lake, "alias_history").orderBy("changed_at").collect())[-1]
-    assert moved.lines() == ["champion: ops version 3 -> 1 (promote)", "reason: v3 mislabels night photos"]
+    assert moved.lines() == ["champion:     ops version 3 -> 1 (promote)",
+                            "reason:       v3 mislabels night photos"]
     assert champion(spark, lake) == ("1", "1")
     assert (history.model_version, history.previous_version, history.action, history.reason) == \
         ("1", "3", "promote", "v3 mislabels night photos")

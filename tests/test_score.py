@@ -26,7 +26,7 @@ from imageiq_spark.ml import inference
 from imageiq_spark.ml.classifier import ImageClassifier, load_classifier, log_classifier
 from imageiq_spark.ml.models import ModelSpec, build_model
 from imageiq_spark.stages import ingest, score
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 LABELS = [str(d) for d in range(10)]
 HELD_BACK = 4  # images left out of `images` at first, to arrive later as "new" images
@@ -358,12 +358,12 @@ def test_scoring_without_images_names_the_missing_table(spark, config):
 def test_a_model_from_an_older_transform_revision_loads_with_a_warning(tmp_path, caplog):
     import json
 
-    from imageiq_spark.vision import transform
+    from imageiq_spark.vision.spec import ALGORITHM_REVISION
 
     model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (0.0,) * 3, (1.0,) * 3))
     saved = ImageClassifier(model, LABELS, TransformSpec(size=(32, 32))).save(tmp_path / "m")
     meta_file = saved / "classifier.json"
-    assert json.loads(meta_file.read_text())["transform_revision"] == transform.ALGORITHM_REVISION
+    assert json.loads(meta_file.read_text())["transform_revision"] == ALGORITHM_REVISION
     ImageClassifier.load(saved)
     assert "transform revision" not in caplog.text
     # A model saved before the revision was recorded was made with revision 1.
@@ -372,7 +372,7 @@ def test_a_model_from_an_older_transform_revision_loads_with_a_warning(tmp_path,
     meta_file.write_text(json.dumps(meta))
     loaded = ImageClassifier.load(saved)
     assert loaded.labels == LABELS
-    assert f"transform revision 1; this code prepares revision {transform.ALGORITHM_REVISION}" in caplog.text
+    assert f"transform revision 1; this code prepares revision {ALGORITHM_REVISION}" in caplog.text
 
 
 def test_online_rows_rank_classes_as_the_prediction_table_does():

@@ -21,7 +21,7 @@ from imageiq_spark.cli.sample_data import write_sample_data
 from imageiq_spark.core.config import flatten, to_dict
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.tracking import configure_mlflow, tracking_uri
-from imageiq_spark.ml import readers
+from imageiq_spark.ml import readers, training
 from imageiq_spark.ml.classifier import load_classifier
 from imageiq_spark.stages import ingest, preprocess, train
 
@@ -199,7 +199,7 @@ def test_training_killed_with_sigkill_resumes_its_mlflow_run_and_finishes_it(spa
     driver = start_cli(write_conf(config, tmp_path / "conf.yaml"), "train", cwd=tmp_path)
 
     def epochs_done() -> int:
-        state = train.TrainState.load(str(checkpoint))
+        state = training.TrainState.load(str(checkpoint))
         return state.epochs_done if state else 0
 
     kill_when(driver, lambda: epochs_done() >= 1, timeout=900)
@@ -272,9 +272,9 @@ def test_training_logs_one_progress_line_per_epoch(caplog):
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     x, y = np.zeros((8, 2), "float32"), np.zeros(8, "int32")
 
-    with caplog.at_level("INFO", logger="imageiq_spark.stages.train"):
-        model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[train.EpochProgress(2)])
+    with caplog.at_level("INFO", logger="imageiq_spark.ml.training"):
+        model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[training.EpochProgress(2)])
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "imageiq_spark.stages.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "imageiq_spark.ml.training"]
     assert [line.split(":")[1] for line in lines] == [" epoch 1/2", " epoch 2/2"]
     assert all("loss " in line and "val_accuracy " in line and line.endswith(" s)") for line in lines)

@@ -51,8 +51,8 @@ def test_train_without_changes_registers_nothing_and_says_why(spark, lake):
     assert isinstance(skipped, train.TrainSkipped)
     assert versions(config) == before
     assert skipped.version == str(before[-1])
-    assert skipped.lines()[0] == ("skipped: neither prepared's labelled train/val rows nor the training "
-                                  f"config changed since skip version {before[-1]}")
+    assert skipped.lines()[0] == ("skipped:            neither prepared's labelled train/val rows nor the "
+                                  f"training config changed since skip version {before[-1]}")
 
 
 @pytest.mark.slow

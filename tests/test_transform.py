@@ -9,14 +9,9 @@ import images
 import numpy as np
 import pytest
 
-from imageiq_spark.vision.transform import (
-    ImageDecodeError,
-    TransformSpec,
-    jpeg_size,
-    prepare_batch,
-    prepare_image,
-    reduction_factor,
-)
+from imageiq_spark.vision.decode import ImageDecodeError, jpeg_size, reduction_factor
+from imageiq_spark.vision.spec import TransformSpec
+from imageiq_spark.vision.transform import prepare_batch, prepare_image
 
 RED, BLUE = images.RED, images.BLUE
 

@@ -10,10 +10,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import COUNTED
 from imageiq_spark.lake.tracking import CHAMPION
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 
 def latest_runs(job_runs: DataFrame) -> DataFrame:
@@ -29,22 +30,22 @@ class StatusSummary:
     pending: dict[str, int | str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        lines = ["latest runs:"]
+        rows: list[Row] = [("latest runs", "")]
         if not self.runs:
-            lines.append("  none recorded yet")
+            rows.append("  none recorded yet")
         for r in self.runs:
             took = (r["ended_at"] - r["started_at"]).total_seconds()
             counts = ", ".join(f"{name} {r[f'rows_{name}']}" for name in COUNTED
                                if r.get(f"rows_{name}") is not None)
             model = f" model v{r['model_version']}" if r["model_version"] else ""
-            lines.append(f"  {r['stage']:<11}{r['status']:<10}{r['started_at']:%Y-%m-%d %H:%M:%S} "
-                         f"({took:.0f} s) exit {r['exit_code']}{model}"
-                         + (f"; {counts}" if counts else ""))
+            rows.append(f"  {r['stage']:<11}{r['status']:<10}{r['started_at']:%Y-%m-%d %H:%M:%S} "
+                        f"({took:.0f} s) exit {r['exit_code']}{model}"
+                        + (f"; {counts}" if counts else ""))
             if r["error"]:
-                lines.append(f"  {'':<11}error: {r['error'].splitlines()[0][:200]}")
-        lines.append("pending:")
-        lines += [f"  {what}: {n}" for what, n in self.pending.items()]
-        return lines
+                rows.append(f"  {'':<11}error: {r['error'].splitlines()[0][:200]}")
+        rows.append(("pending", ""))
+        rows += [f"  {line}" for line in aligned(self.pending.items())]
+        return aligned(rows)
 
 
 def pending_work(spark: SparkSession, config: Config) -> dict[str, int | str]:

@@ -1,5 +1,5 @@
 """Registries of named extension points that the configuration checks names against: resize
-policies (filled by `vision.transform`) and model architectures (filled by `ml.models`).
+policies (filled by `vision.resize`) and model architectures (filled by `ml.models`).
 
 The configuration sits below both layers, so a registry loads the module that fills it by name on
 its first lookup, as entry points load plugins: a name registered later is valid too, OpenCV loads
@@ -24,8 +24,8 @@ class Registry(dict[str, Any]):
 
 
 #: The resize policies by name, in registration order: `preprocess.resize` accepts these names and
-#: the configuration reference lists them. Add one with `vision.transform.resize_policy`.
-RESIZE_POLICIES = Registry("imageiq_spark.vision.transform")
+#: the configuration reference lists them. Add one with `vision.resize.resize_policy`.
+RESIZE_POLICIES = Registry("imageiq_spark.vision.resize")
 #: The model zoo by name, in registration order: `train.model` accepts these names, the
 #: configuration reference lists them and `Config.image_size` takes their input size. Add one with
 #: `ml.models.architecture`.

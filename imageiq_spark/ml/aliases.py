@@ -19,6 +19,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError
+from imageiq_spark.core.summary import aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.tracking import (
@@ -46,9 +47,9 @@ class AliasMove:
 
     def lines(self) -> list[str]:
         if self.previous == self.version:
-            return [f"champion: {self.model_name} version {self.version} already; nothing moved"]
-        return [f"champion: {self.model_name} version {self.previous or 'none'} -> {self.version} "
-                f"({self.action})", f"reason: {self.reason}"]
+            return aligned([("champion", f"{self.model_name} version {self.version} already; nothing moved")])
+        return aligned([("champion", f"{self.model_name} version {self.previous or 'none'} -> {self.version} "
+                                     f"({self.action})"), ("reason", self.reason)])
 
 
 def _client_and_champion(config: Config) -> tuple[MlflowClient, str | None]:

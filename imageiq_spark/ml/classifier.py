@@ -40,6 +40,7 @@ from mlflow.types.schema import (  # noqa: E402
 )
 
 from imageiq_spark.vision import transform  # noqa: E402
+from imageiq_spark.vision.spec import ALGORITHM_REVISION, TransformSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _REQUIREMENTS = ("mlflow", "tensorflow", "tf-keras", "numpy", "pandas", "opencv-
 class ImageClassifier:
     """A Keras model (uint8 NHWC in, probabilities out), its labels and its preprocessing."""
 
-    def __init__(self, model: keras.Model, labels: Sequence[str], spec: transform.TransformSpec) -> None:
+    def __init__(self, model: keras.Model, labels: Sequence[str], spec: TransformSpec) -> None:
         classes = int(model.output_shape[-1])
         if classes != len(labels):
             raise ValueError(
@@ -117,7 +118,7 @@ class ImageClassifier:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save(directory / MODEL_FILE)
         meta = {"labels": self.labels, "transform": self.spec.to_dict(),
-                "transform_revision": transform.ALGORITHM_REVISION}
+                "transform_revision": ALGORITHM_REVISION}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -127,12 +128,12 @@ class ImageClassifier:
         meta = json.loads((directory / META_FILE).read_text())
         model = keras.models.load_model(directory / MODEL_FILE, compile=False)
         revision = meta.get("transform_revision", 1)
-        if revision != transform.ALGORITHM_REVISION:
+        if revision != ALGORITHM_REVISION:
             log.warning(
                 "model at %s was trained on tensors of transform revision %d; this code prepares "
                 "revision %d (docs/user_manual.md, upgrading): its pixels differ slightly; retrain "
-                "to remove the skew", directory, revision, transform.ALGORITHM_REVISION)
-        return cls(model, meta["labels"], transform.TransformSpec.from_dict(meta["transform"]))
+                "to remove the skew", directory, revision, ALGORITHM_REVISION)
+        return cls(model, meta["labels"], TransformSpec.from_dict(meta["transform"]))
 
 
 class ImagePipelineModel(mlflow.pyfunc.PythonModel):

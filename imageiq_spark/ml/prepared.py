@@ -47,7 +47,7 @@ from imageiq_spark.vision.preprocess_udf import (
     Failure,
     RunReport,
 )
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 SPLITS = ("train", "val", "test")
 #: userMetadata of a run's MERGE into `prepared`: TAG_PREFIX + "<version>:<prepared_at ISO>#<run id>".

@@ -17,6 +17,7 @@ from pyspark.sql.types import StructType
 from imageiq_spark.core import faults
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 
@@ -72,13 +73,13 @@ class ScoreSummary:
 
     def lines(self) -> list[str]:
         rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0
-        return [
-            f"model:        {self.model_name} version {self.model_version}",
-            f"{self.todo_label:<14}{self.candidates}",
-            f"{self.output_label:<14}{self.inserted} new",
-            f"quarantined:  {self.failed}",
-            f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)",
-        ]
+        return aligned([
+            ("model", f"{self.model_name} version {self.model_version}"),
+            (self.todo_label.removesuffix(":"), self.candidates),
+            (self.output_label.removesuffix(":"), f"{self.inserted} new"),
+            ("quarantined", self.failed),
+            ("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"),
+        ])
 
 
 def model_pass(

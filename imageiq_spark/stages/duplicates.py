@@ -47,6 +47,7 @@ from pyspark.sql.types import (
 
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.core.tables import CLUSTERS_SCHEMA, CLUSTERS_TABLE, schema
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
@@ -89,20 +90,20 @@ class DuplicatesSummary:
                          skipped=self.small)
 
     def lines(self) -> list[str]:
-        lines = [f"hashed:       {self.hashed} new images ({self.unreadable} unreadable)"]
+        rows: list[Row] = [("hashed", f"{self.hashed} new images ({self.unreadable} unreadable)")]
         for tier in TIERS:
             if tier == "embedding" and self.embedding_model is None:
-                lines.append("embedding:    skipped (no embeddings: run `imageiq embed`)")
+                rows.append((tier, "skipped (no embeddings: run `imageiq embed`)"))
                 continue
             extra = (f" ({self.embedding_model[0]} version {self.embedding_model[1]})"
                      if tier == "embedding" and self.embedding_model else
                      f" ({self.small} images under {self.min_side} px a side left out)"
                      if tier == "phash" and self.small else "")
-            lines.append(f"{tier + ':':<13} {self.pairs.get(tier, 0)} pairs{extra}")
-        lines += [f"new pairs:    {self.new_pairs}",
-                  f"clusters:     {self.clusters} ({self.clustered_images} images)",
-                  f"elapsed:      {self.elapsed_s:.1f} s"]
-        return lines
+            rows.append((tier, f"{self.pairs.get(tier, 0)} pairs{extra}"))
+        rows += [("new pairs", self.new_pairs),
+                 ("clusters", f"{self.clusters} ({self.clustered_images} images)"),
+                 ("elapsed", f"{self.elapsed_s:.1f} s")]
+        return aligned(rows)
 
 
 # ------------------------------------------------------------------------------ pure functions

@@ -21,6 +21,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.core.tables import schema
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
@@ -58,23 +59,23 @@ class EvaluateSummary:
 
     def lines(self) -> list[str]:
         r = self.report
-        lines = [f"model:        {self.model_name} version {self.model_version}",
-                 f"split:        {self.split} ({r.count if r else 0} images)"]
+        rows: list[Row] = [("model", f"{self.model_name} version {self.model_version}"),
+                           ("split", f"{self.split} ({r.count if r else 0} images)")]
         if r is not None:
-            lines += [
-                f"{self.split} accuracy: {r.accuracy:.4f}",
-                f"top-{r.top_k} accuracy: {r.top_k_accuracy:.4f}",
-                f"macro F1:     {r.macro['f1']:.4f}",
-                f"ROC-AUC (ovr, macro): {r.roc_auc_macro:.4f}",
-                f"ECE:          {r.ece:.4f}",
+            rows += [
+                (f"{self.split} accuracy", r.accuracy),
+                (f"top-{r.top_k} accuracy", r.top_k_accuracy),
+                ("macro F1", r.macro["f1"]),
+                ("ROC-AUC (ovr, macro)", r.roc_auc_macro),
+                ("ECE", r.ece),
             ]
         if self.skipped:
-            lines.append(f"skipped:      {self.skipped} images whose label the model does not know")
+            rows.append(("skipped", f"{self.skipped} images whose label the model does not know"))
         if self.leakage is not None and self.split != "train":
-            lines.append(f"leakage:      {self.leakage.stored} {self.split} images have a near-duplicate in "
-                         f"train ({self.leakage.old_rule} had each image been split alone)")
-        lines += [f"report:       {self.report_uri}", f"elapsed:      {self.elapsed_s:.1f} s"]
-        return lines
+            rows.append(("leakage", f"{self.leakage.stored} {self.split} images have a near-duplicate in "
+                                    f"train ({self.leakage.old_rule} had each image been split alone)"))
+        rows += [("report", self.report_uri), ("elapsed", f"{self.elapsed_s:.1f} s")]
+        return aligned(rows)
 
 
 def predict_split(rows: DataFrame, classifier, batch: int = 512) -> tuple[list[str], np.ndarray, np.ndarray]:

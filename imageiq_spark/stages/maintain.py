@@ -19,6 +19,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.session import session_conf
@@ -50,13 +51,13 @@ class MaintainSummary:
                          written=sum(t.files_after for t in self.tables))
 
     def lines(self) -> list[str]:
-        lines = [f"retention: {self.retention_hours} h; {len(self.tables)} tables"]
+        rows: list[Row] = [("retention", f"{self.retention_hours} h; {len(self.tables)} tables")]
         for t in self.tables:
             vacuumed = "?" if t.files_vacuumed is None else str(t.files_vacuumed)
-            lines.append(f"  {t.table:<24} files {t.files_before:>5} -> {t.files_after:>5} "
-                         f"({t.bytes_after / 1e6:.1f} MB); vacuumed {vacuumed} file(s)")
-        lines.append(f"elapsed: {self.elapsed_s:.1f} s")
-        return lines
+            rows.append(f"  {t.table:<24} files {t.files_before:>5} -> {t.files_after:>5} "
+                        f"({t.bytes_after / 1e6:.1f} MB); vacuumed {vacuumed} file(s)")
+        rows.append(("elapsed", f"{self.elapsed_s:.1f} s"))
+        return aligned(rows)
 
 
 def check_retention(spark: SparkSession, hours: int) -> None:

@@ -11,7 +11,7 @@ the `exact` tier of near-duplicates.
 
 Bits are packed most significant first into a signed 64-bit integer (Spark's `bigint`), so two
 hashes are compared with `bit_count(a ^ b)` in SQL or `hamming` here. Every stage that needs a hash
-calls `hash_image` / `hash_batch`; images are decoded by `transform.decode` (the same decoder, EXIF
+calls `hash_image` / `hash_batch`; images are decoded by `vision.decode.decode` (the same decoder, EXIF
 orientation and colour handling as the tensors), at full size because the digest needs every pixel.
 """
 
@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from imageiq_spark.vision.transform import ImageDecodeError, TransformSpec, decode
+from imageiq_spark.vision.decode import ImageDecodeError, decode
+from imageiq_spark.vision.spec import TransformSpec
 
 HASH_BITS = 64
 #: Full-size decode (no DCT-domain reduction): the pixel digest must see every stored pixel.

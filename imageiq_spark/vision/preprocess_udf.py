@@ -24,11 +24,14 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.registry import RESIZE_POLICIES
 from imageiq_spark.core.tables import schema
 from imageiq_spark.core.tensors import binary_from_tensors, binary_views, tensors_from_binary
 from imageiq_spark.lake import storage
 from imageiq_spark.lake.session import spread
-from imageiq_spark.vision.transform import RESIZE_POLICIES, ResizePolicy, TransformSpec, prepare_batch
+from imageiq_spark.vision.resize import ResizePolicy
+from imageiq_spark.vision.spec import TransformSpec
+from imageiq_spark.vision.transform import prepare_batch
 
 #: What the UDF returns per image: the tensor, or why there is none.
 OUTCOME_SCHEMA = schema(
@@ -146,7 +149,7 @@ class PrepareBatches:
     docs/benchmarks.md). With a `report` sink, each task also hands it its RunReport.
 
     `policy` is the spec's resize policy as registered on the driver: one registered in a notebook
-    or a script reaches the workers with the job (`transform.resize_policy`).
+    or a script reaches the workers with the job (`resize.resize_policy`).
     """
 
     spec: TransformSpec

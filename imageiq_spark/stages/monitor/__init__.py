@@ -95,21 +95,23 @@ class MonitorSummary:
                          model_version=self.model_version)
 
     def lines(self) -> list[str]:
-        lines = [f"model:        {self.model_name} version {self.model_version}",
-                 f"windows:      {self.windows}",
-                 f"profiled:     {self.profiled_images} new images"]
+        from imageiq_spark.core.summary import Row, aligned
+
+        rows: list[Row] = [("model", f"{self.model_name} version {self.model_version}"),
+                           ("windows", self.windows),
+                           ("profiled", f"{self.profiled_images} new images")]
         if self.latest:
-            lines.append(f"latest window ({self.latest_window:%Y-%m-%d %H:%M}): "
-                         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.latest.items())))
-        lines.append(f"alerts:       {len(self.alerts)}")
-        lines += [f"  {a.severity:<8} {a.metric} = {a.value:.4f} > {a.threshold} in {a.source} window "
-                  f"{a.window_start:%Y-%m-%d %H:%M}" for a in self.alerts]
+            rows.append((f"latest window ({self.latest_window:%Y-%m-%d %H:%M})",
+                         ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.latest.items()))))
+        rows.append(("alerts", len(self.alerts)))
+        rows += [f"  {a.severity:<8} {a.metric} = {a.value:.4f} > {a.threshold} in {a.source} window "
+                 f"{a.window_start:%Y-%m-%d %H:%M}" for a in self.alerts]
         if self.report_uri:
-            lines.append(f"report:       {self.report_uri}")
+            rows.append(("report", self.report_uri))
         if self.textfile:
-            lines.append(f"prometheus:   {self.textfile}")
-        lines.append(f"elapsed:      {self.elapsed_s:.1f} s")
-        return lines
+            rows.append(("prometheus", self.textfile))
+        rows.append(("elapsed", f"{self.elapsed_s:.1f} s"))
+        return aligned(rows)
 
 
 

@@ -81,7 +81,7 @@ from imageiq_spark.vision.preprocess_udf import (
     transform_images,
     transform_settings,
 )
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 #: What callers and tests import from the stage; each lives in the module of its job.
 __all__ = [

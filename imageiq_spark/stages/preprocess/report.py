@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.ml.prepared import SPLITS
-from imageiq_spark.vision.transform import TransformSpec
+from imageiq_spark.vision.spec import TransformSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,19 @@ class PreprocessSummary:
     def lines(self) -> list[str]:
         rate = self.prepared / self.elapsed_s if self.elapsed_s else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
-        lines = [
-            f"version:      {self.version}",
-            f"prepared:     {self.prepared}",
-            f"quarantined:  {sum(self.quarantined.values())} ({reasons})",
+        rows: list[Row] = [
+            ("version", self.version),
+            ("prepared", self.prepared),
+            ("quarantined", f"{sum(self.quarantined.values())} ({reasons})"),
         ]
         for split in SPLITS:
             classes = self.class_counts.get(split, {})
             per_class = ", ".join(f"{label}={n}" for label, n in sorted(classes.items()))
-            lines.append(f"{split + ':':<13} {self.split_counts.get(split, 0)} ({per_class or 'no images'})")
+            rows.append((split, f"{self.split_counts.get(split, 0)} ({per_class or 'no images'})"))
         if self.grid:
-            lines.append(f"sample grid:  {self.grid}")
-        lines.append(f"elapsed:      {self.elapsed_s:.1f} s ({rate:.1f} images/s)")
-        return lines
+            rows.append(("sample grid", self.grid))
+        rows.append(("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"))
+        return aligned(rows)
 
 
 def grid_png(samples: list[tuple[np.ndarray, str | None]], title: str) -> bytes:

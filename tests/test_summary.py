@@ -1,0 +1,42 @@
+"""The summary printer: every stage's `lines()` puts its values in one column."""
+
+from __future__ import annotations
+
+from imageiq_spark.core.summary import aligned
+
+
+def test_values_start_in_one_column_at_least_fourteen_characters_in():
+    assert aligned([("model", "imageiq version 1"), ("quarantined", 0)]) == [
+        "model:        imageiq version 1",
+        "quarantined:  0",
+    ]
+
+
+def test_a_longer_label_widens_the_column_for_every_row():
+    assert aligned([("registered version", "1"), ("gate", "no champion yet")]) == [
+        "registered version: 1",
+        "gate:               no champion yet",
+    ]
+
+
+def test_a_label_over_the_widest_column_overflows_alone():
+    assert aligned([("windows", 1), ("latest window (2026-12-02 00:00)", "label_psi=0.9569")]) == [
+        "windows:      1",
+        "latest window (2026-12-02 00:00): label_psi=0.9569",
+    ]
+
+
+def test_floats_show_four_decimals_and_other_values_as_written():
+    assert aligned([("ECE", 0.03125), ("images", 7), ("report", "file:/r.md")]) == [
+        "ECE:          0.0312",
+        "images:       7",
+        "report:       file:/r.md",
+    ]
+
+
+def test_a_plain_line_is_kept_and_an_empty_value_leaves_a_heading():
+    assert aligned([("alerts", 1), "  critical label_js = 0.2748 > 0.12", ("pending", "")]) == [
+        "alerts:       1",
+        "  critical label_js = 0.2748 > 0.12",
+        "pending:",
+    ]
