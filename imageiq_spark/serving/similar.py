@@ -159,7 +159,8 @@ def contact_sheet(result: SimilarResult, contents: dict[str, bytes], query_bytes
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from imageiq_spark.vision.transform import TransformSpec, prepare_image
+    from imageiq_spark.vision.spec import TransformSpec
+    from imageiq_spark.vision.transform import prepare_image
 
     spec = TransformSpec(size=SHEET_SIZE, resize="letterbox", pad_value=255)
     tiles = [(query_bytes, "query")] + [
