@@ -47,7 +47,7 @@ class Predictor(Protocol):
     """What the worker needs from a model; `classifier.ImageClassifier` is one."""
 
     labels: list[str]
-    spec: Any  # transform.TransformSpec: how raw bytes become the model's input
+    spec: Any  # vision.spec.TransformSpec: how raw bytes become the model's input
 
     def predict_tensors(self, images: np.ndarray) -> np.ndarray: ...
 

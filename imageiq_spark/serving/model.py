@@ -18,6 +18,7 @@ import numpy as np
 from imageiq_spark.core.config import Config
 from imageiq_spark.serving.limits import BadInput, cores
 from imageiq_spark.vision import probe, transform
+from imageiq_spark.vision.spec import TransformSpec
 
 if TYPE_CHECKING:
     from imageiq_spark.ml.classifier import ImageClassifier
@@ -64,7 +65,7 @@ def load_model(config: Config, name: str, version: str, run_id: str) -> ServedMo
     return ServedModel(classifier, name, version, run_id)
 
 
-def prepare(contents: list[bytes], spec: transform.TransformSpec, max_pixels: int) -> np.ndarray:
+def prepare(contents: list[bytes], spec: TransformSpec, max_pixels: int) -> np.ndarray:
     """Encoded images -> the model's uint8 tensors; the first bad one raises BadInput. (Bytes
     need no check here: the request body that held them was within serve.max_body_bytes.)"""
     for index, data in enumerate(contents):
