@@ -63,7 +63,8 @@ with native_stderr_muted():
     import tensorflow as tf  # noqa: E402
     import tf_keras as keras  # noqa: E402
 
-from imageiq_spark.core.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
+from imageiq_spark.core.config import Config, ConfigError, loggable_params  # noqa: E402
+from imageiq_spark.core.config_sections import AugmentConfig  # noqa: E402
 from imageiq_spark.lake import lakehouse, storage  # noqa: E402
 from imageiq_spark.lake.lease import Lease, hold  # noqa: E402
 from imageiq_spark.lake.runs import RunCounts  # noqa: E402

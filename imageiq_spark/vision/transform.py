@@ -32,7 +32,8 @@ import cv2
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from imageiq_spark.core.config import Config, PreprocessConfig
+from imageiq_spark.core.config import Config
+from imageiq_spark.core.config_sections import PreprocessConfig
 from imageiq_spark.core.registry import RESIZE_POLICIES
 
 Fit = Callable[[np.ndarray, "TransformSpec"], np.ndarray]
