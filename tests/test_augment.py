@@ -6,7 +6,7 @@ import images
 import numpy as np
 import tensorflow as tf
 
-from imageiq_spark.core.config import AugmentConfig
+from imageiq_spark.core.config_sections import AugmentConfig
 from imageiq_spark.ml.readers import augmenter
 
 # Four mid-tone colours (64..191): any mirror moves them, a brightness shift of up to 51 clips none.

@@ -15,6 +15,7 @@ from test_duplicates import image_rows
 from test_score import register
 
 from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core import faults
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.ml.classifier import load_classifier
 from imageiq_spark.serving import similar
@@ -86,16 +87,17 @@ def test_similar_returns_the_image_itself_first_for_an_id_and_for_a_file(spark, 
 
 
 @pytest.mark.slow  # worker restarts and model loads while it bisects; `make test` has preprocess's
-def test_an_image_that_kills_the_python_worker_is_quarantined_and_embedding_goes_on(spark, tmp_path):
+def test_an_image_that_kills_the_python_worker_is_quarantined_and_embedding_goes_on(spark, tmp_path,
+                                                                                  monkeypatch):
     digits, labels = load_digits()
     contents = {f"{labels[i]}/{i}.png": images.gray_png(digits[i]) for i in range(6)}
     ids = sorted(hashlib.sha256(data).hexdigest() for data in contents.values())
     victim = ids[2]
-    config = make_config(tmp_path, mlflow={"registered_model": f"m_{uuid.uuid4().hex[:8]}"},
-                         score={"fault_inject_id_contains": victim})
+    config = make_config(tmp_path, mlflow={"registered_model": f"m_{uuid.uuid4().hex[:8]}"})
     ingest.ensure_tables(spark, config)
     lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
     version = register(spark, config, seed=5)
+    monkeypatch.setenv(faults.INJECT_FAULT, f"embed:{victim}")
 
     summary = embed.run(spark, config)
 

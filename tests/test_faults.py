@@ -20,7 +20,8 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from imageiq_spark.cli.sample_data import write_sample_data
-from imageiq_spark.core.config import Config, to_dict
+from imageiq_spark.core import faults
+from imageiq_spark.core.config import Config, ConfigError, to_dict
 from imageiq_spark.lake import lakehouse, tracking
 from imageiq_spark.ml.classifier import load_classifier
 from imageiq_spark.stages import ingest, preprocess, train
@@ -125,15 +126,29 @@ def test_ingest_killed_mid_batch_and_rerun_holds_each_row_exactly_once(spark, tm
     ]
 
 
-def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp_path, source):
+def test_the_fault_switch_names_one_stage_and_a_key_substring(monkeypatch):
+    monkeypatch.setenv(faults.INJECT_FAULT, "score:4/a:b")
+    assert [faults.injected(stage) for stage in ("score", "embed", "ingest")] == ["4/a:b", "", ""]
+    monkeypatch.setenv(faults.INJECT_FAULT, "score")
+    assert faults.injected("score") == ""
+    monkeypatch.delenv(faults.INJECT_FAULT)
+    assert faults.injected("score") == ""
+
+
+def test_fault_injection_is_no_config_key():
+    with pytest.raises(ConfigError, match="unknown config key 'score.fault_inject_id_contains'"):
+        Config().with_overrides({"score.fault_inject_id_contains": "ab"})
+
+
+def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp_path, source, monkeypatch):
     victim = sorted((source / "4").glob("mnist_*.png"))[1]
-    config = make_config(
-        tmp_path, ingest={"source": str(source), "fault_inject_path_contains": f"4/{victim.name}"}
-    )
+    config = make_config(tmp_path, ingest={"source": str(source)})
     clean = make_config(tmp_path / "clean", ingest={"source": str(source)})
+    monkeypatch.setenv(faults.INJECT_FAULT, f"ingest:4/{victim.name}")
 
     summary = ingest.run(spark, config)
 
+    monkeypatch.delenv(faults.INJECT_FAULT)
     ingest.run(spark, clean)
     images, quarantine = ingest_keys(spark, config)
     clean_images, _ = ingest_keys(spark, clean)
@@ -148,14 +163,15 @@ def test_python_worker_dying_on_one_image_quarantines_only_that_image(spark, tmp
 
 
 @pytest.mark.slow  # the ingest crash test covers faults.survive_worker_crashes in `make test`
-def test_python_worker_dying_on_one_image_in_preprocess_quarantines_only_that_image(spark, tmp_path, source):
+def test_python_worker_dying_on_one_image_in_preprocess_quarantines_only_that_image(spark, tmp_path, source,
+                                                                                    monkeypatch):
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)
     ids = sorted(r.image_id for r in lakehouse.read_table(spark, config, "images").collect())
     victim = ids[len(ids) // 2]
-    crashing = config.with_overrides({"preprocess.fault_inject_id_contains": victim})
+    monkeypatch.setenv(faults.INJECT_FAULT, f"preprocess:{victim}")
 
-    summary = preprocess.run(spark, crashing)
+    summary = preprocess.run(spark, config)
 
     prepared = lakehouse.read_table(spark, config, "prepared").groupBy("image_id").count().collect()
     assert sorted(r.image_id for r in prepared) == [i for i in ids if i != victim]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config
 
-from imageiq_spark.core.config import ConfigError, TrainConfig
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.core.config_sections import TrainConfig
 from imageiq_spark.ml import readers
 
 ROW_SIZE = 4

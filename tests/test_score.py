@@ -21,6 +21,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from imageiq_spark.cli.sample_data import load_digits
+from imageiq_spark.core import faults
 from imageiq_spark.lake import lakehouse, tracking
 from imageiq_spark.ml import inference
 from imageiq_spark.ml.classifier import ImageClassifier, load_classifier, log_classifier
@@ -239,12 +240,12 @@ def test_two_drivers_with_a_commit_in_between_leave_one_row_per_image_and_versio
 
 
 @pytest.mark.slow  # worker restarts and model loads while it bisects; `make test` has preprocess's
-def test_an_image_that_kills_the_python_worker_is_quarantined_and_scoring_goes_on(spark, lake):
+def test_an_image_that_kills_the_python_worker_is_quarantined_and_scoring_goes_on(spark, lake, monkeypatch):
     ids = sorted(r.image_id for r in lakehouse.read_table(spark, lake, "images").collect())
     victim = ids[len(ids) // 2]
-    crashing = lake.with_overrides({"score.fault_inject_id_contains": victim})
+    monkeypatch.setenv(faults.INJECT_FAULT, f"score:{victim}")
 
-    summary = score.run(spark, crashing)
+    summary = score.run(spark, lake)
 
     keys = predictions(spark, lake).groupBy("image_id").count().collect()
     assert sorted(r.image_id for r in keys) == [i for i in ids if i not in (victim, "0" * 64)]

@@ -31,7 +31,8 @@ from test_score import register
 from test_serve import ServerProcess, crafted_png
 
 from imageiq_spark.cli.sample_data import load_digits
-from imageiq_spark.core.config import ConfigError, ServeConfig
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.core.config_sections import ServeConfig
 from imageiq_spark.serving.limits import TOKEN_ENV, read_token
 
 TOKEN = "s3cret-" + uuid.uuid4().hex

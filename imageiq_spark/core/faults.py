@@ -20,7 +20,9 @@ micro-batch; preprocess, score and embed per run):
         "stage")
     quarantine(crashed, reason=faults.WORKER_CRASH)
 
-`inject` and `inject_any` are the test hooks behind the `*.fault_inject_*` config keys.
+A test makes a worker die on purpose with the environment variable `INJECT_FAULT`
+(`IMAGEIQ_TEST_INJECT_FAULT=<stage>:<substring>`), never a config key: the stage reads it on the
+driver (`injected`) and hands it to its UDF, whose workers die in `inject` and `inject_any`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ WORKER_CRASH = "worker_crash"
 # What the JVM reports when a Python worker's process ends without answering.
 _CRASH_MESSAGES = ("Python worker exited unexpectedly", "crashed", "EOFException")
 T = TypeVar("T")
+#: Test-only switch, `<stage>:<substring>`: the Python worker of `<stage>` (ingest, preprocess,
+#: score, embed) dies on each input whose key (ingest: the file's path; else its image_id) contains
+#: `<substring>`.
+INJECT_FAULT = "IMAGEIQ_TEST_INJECT_FAULT"
+
+
+def injected(stage: str) -> str:
+    """The substring `INJECT_FAULT` names for `stage`; empty (inject nothing) when it names none.
+
+    Read on the driver: executors need not share its environment, so the stage passes the value
+    to its UDF."""
+    named, sep, pattern = os.environ.get(INJECT_FAULT, "").partition(":")
+    return pattern if sep and named == stage else ""
 
 
 def inject(path: str, pattern: str) -> None:

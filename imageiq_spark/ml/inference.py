@@ -203,7 +203,7 @@ class ScoreBatches:
     top_k: int
     threads: int
     tensor_shape: tuple[int, int, int] | None = None  # set: input is prepared tensors, not bytes
-    fault_inject: str = ""  # `score.fault_inject_id_contains`
+    fault_inject: str = ""  # `faults.injected("score")`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from imageiq_spark.vision.transform import prepare_batch

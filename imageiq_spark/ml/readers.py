@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from pyspark.sql import DataFrame  # noqa: E402
 
-from imageiq_spark.core.config import AugmentConfig, Config, ConfigError  # noqa: E402
+from imageiq_spark.core.config import Config, ConfigError  # noqa: E402
+from imageiq_spark.core.config_sections import AugmentConfig  # noqa: E402
 from imageiq_spark.lake import storage  # noqa: E402
 from imageiq_spark.lake.lakehouse import lake_path  # noqa: E402
 

@@ -50,7 +50,8 @@ with native_stderr_muted():
     import tensorflow as tf  # noqa: E402
     import tf_keras as keras  # noqa: E402
 
-from imageiq_spark.core.config import AugmentConfig, ConfigError  # noqa: E402
+from imageiq_spark.core.config import ConfigError  # noqa: E402
+from imageiq_spark.core.config_sections import AugmentConfig  # noqa: E402
 from imageiq_spark.lake import storage  # noqa: E402
 from imageiq_spark.ml import models, readers  # noqa: E402
 

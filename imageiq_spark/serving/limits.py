@@ -26,7 +26,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from imageiq_spark.core.config import ConfigError, ServeConfig
+from imageiq_spark.core.config import ConfigError
+from imageiq_spark.core.config_sections import ServeConfig
 
 TOKEN_ENV = "IMAGEIQ_SERVE_TOKEN"
 #: Routes that answer without a token and without taking a slot: orchestrators probe them.

@@ -101,7 +101,7 @@ class EmbedBatches:
 
     loader: EmbedderLoader
     threads: int
-    fault_inject: str = ""  # `score.fault_inject_id_contains`
+    fault_inject: str = ""  # `faults.injected("embed")`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from imageiq_spark.vision.transform import prepare_batch
@@ -157,7 +157,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Em
     summary = EmbedSummary(name, version)
     model_pass(
         spark, config, summary, "embeddings", EMBEDDINGS_SCHEMA, EMBEDDING_KEYS, "embed",
-        lambda todo, _at: embed_contents(todo, loader, config.score.fault_inject_id_contains),
+        lambda todo, _at: embed_contents(todo, loader, faults.injected("embed")),
         lambda good, at: good.select("image_id", F.lit(name).alias("model_name"),
                                      F.lit(version).alias("model_version"), "vector",
                                      F.lit(at).alias("embedded_at")),

@@ -32,6 +32,7 @@ import time
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import PREDICTION_KEYS, PREDICTIONS_SCHEMA
 from imageiq_spark.lake import lakehouse, tracking
@@ -66,7 +67,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
     model_pass(
         spark, config, summary, "predictions", PREDICTIONS_SCHEMA, PREDICTION_KEYS, "score",
         lambda todo, at: with_model_columns(
-            score_contents(todo, loader, config.score.top_k, config.score.fault_inject_id_contains),
+            score_contents(todo, loader, config.score.top_k, faults.injected("score")),
             name, version, run_id, at),
         # The image's known label rides along (`relabel` keeps it current), so accuracy per window
         # is one pass over `predictions` (monitor), and SQL needs no join for it.

@@ -155,7 +155,7 @@ class PrepareBatches:
     spec: TransformSpec
     report: ReportSink | None = None
     policy: ResizePolicy | None = None
-    fault_inject: str = ""  # `preprocess.fault_inject_id_contains`
+    fault_inject: str = ""  # `faults.injected("preprocess")`
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import cv2
@@ -254,7 +254,7 @@ def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
     # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
     # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
     prepare = PrepareBatches(spec, report, RESIZE_POLICIES[spec.resize],
-                             config.preprocess.fault_inject_id_contains)
+                             faults.injected("preprocess"))
     return spread(rows).mapInArrow(prepare, OUTCOME_SCHEMA)
 
 

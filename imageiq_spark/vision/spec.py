@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from imageiq_spark.core.config import Config, PreprocessConfig
+from imageiq_spark.core.config import Config
+from imageiq_spark.core.config_sections import PreprocessConfig
 from imageiq_spark.core.registry import RESIZE_POLICIES
 
 #: Bumped whenever the code changes the pixels it produces for the same parameters, so that the

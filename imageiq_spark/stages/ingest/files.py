@@ -138,7 +138,7 @@ def probed_files(files: DataFrame, config: Config, crashed: list[str] | None = N
     small = files.filter(F.col("length") <= max_bytes).select(*BATCH_SCHEMA.names)
     if crashed:
         small = small.filter(~F.col("path").isin(crashed))
-    fault_inject = config.ingest.fault_inject_path_contains
+    fault_inject = faults.injected("ingest")
     probed = small.mapInArrow(probe_partition(config.ingest.max_pixels, fault_inject), PROBED_SCHEMA)
     oversized = files.filter(F.col("length") > max_bytes).select(
         "path",
