@@ -29,12 +29,13 @@ from pyspark.sql.types import ArrayType, FloatType  # noqa: E402
 
 from benchmarks.common import bench_config, median, table, timed  # noqa: E402
 from imageiq_spark.lake import lakehouse  # noqa: E402
-from imageiq_spark.lake.session import get_spark, session_conf  # noqa: E402
+from imageiq_spark.lake.session import get_spark, session_conf, spread  # noqa: E402
 from imageiq_spark.ml import inference  # noqa: E402
 from imageiq_spark.ml.classifier import ImageClassifier  # noqa: E402
 from imageiq_spark.ml.models import ModelSpec, build_model  # noqa: E402
 from imageiq_spark.vision.spec import TransformSpec  # noqa: E402
 from imageiq_spark.vision.transform import prepare_batch  # noqa: E402
+from tests.reference import DirectoryLoader  # noqa: E402
 
 CASES = (  # architecture, side, images, batch
     ("small_cnn", 32, 8192, 256),
@@ -56,6 +57,14 @@ class KerasArrays(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> Any:
         x = np.stack(model_input.iloc[:, 0].to_numpy()).reshape(-1, *self.model.input_shape[1:])
         return self.model.predict(x, batch_size=self.batch, verbose=0)
+
+
+def score_tensors(df: Any, loader: inference.ModelLoader, shape: tuple[int, int, int], top_k: int) -> Any:
+    """(image_id, tensor) rows of prepared uint8 tensors -> SCORED_SCHEMA rows: score's runner and
+    head without the decoding, the inference part alone."""
+    threads = inference.task_threads(df.sparkSession)
+    scorer = inference.ModelBatches(loader, inference.Predictions(top_k), threads, tuple(shape))
+    return spread(df.select("image_id", "tensor")).mapInArrow(scorer, inference.SCORED_SCHEMA)
 
 
 def one_thread_per_task() -> None:
@@ -112,11 +121,10 @@ def run_case(spark: Any, workdir: Path, arch: str, side: int, n: int, batch: int
     def write(df: Any) -> None:
         df.write.mode("overwrite").parquet(out)
 
-    loader = inference.DirectoryLoader(str(directory), key=f"bench-{arch}-{time.time()}")
+    loader = DirectoryLoader(str(directory), key=f"bench-{arch}-{time.time()}")
 
     def ours() -> None:
-        write(inference.score_tensors(spark.read.format("delta").load(tensors_path), loader,
-                                  (side, side, 3), 3))
+        write(score_tensors(spark.read.format("delta").load(tensors_path), loader, (side, side, 3), 3))
 
     def count_rows(batches: Any) -> Any:  # a closure: pickled by value, the workers import nothing
         import pyarrow as pa

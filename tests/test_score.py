@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
+from reference import DirectoryLoader
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import faults
@@ -336,7 +337,7 @@ def test_worker_cache_serves_a_new_key_with_a_new_model(tmp_path):
     """A changed model (new key) is loaded afresh; the same key is served from the cache."""
     loads: list[str] = []
 
-    class Recorded(inference.DirectoryLoader):
+    class Recorded(DirectoryLoader):
         def __call__(self):
             loads.append(self.key)
             return super().__call__()

@@ -39,6 +39,7 @@ from mlflow.types.schema import (  # noqa: E402
     Schema,
 )
 
+from imageiq_spark.ml.ranking import top_classes  # noqa: E402
 from imageiq_spark.vision import transform  # noqa: E402
 from imageiq_spark.vision.spec import ALGORITHM_REVISION, TransformSpec  # noqa: E402
 
@@ -102,16 +103,13 @@ class ImageClassifier:
         return probabilities, failed
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """The k most likely labels of each row, most likely first; [] for a NaN row."""
-        k = max(1, min(k, len(self.labels)))
-        result = []
-        for row in probabilities:
-            if np.isnan(row).any():
-                result.append([])
-                continue
-            order = np.argsort(-row, kind="stable")[:k]
-            result.append([(self.labels[i], float(row[i])) for i in order])
-        return result
+        """The k most likely labels of each row, most likely first (`ranking.top_classes`); [] for
+        a NaN row (an undecodable input)."""
+        decoded = ~np.isnan(probabilities).any(axis=1)
+        top, top_p = top_classes(probabilities[decoded], k)
+        ranked = iter([[(self.labels[i], p) for i, p in zip(indices, probs)]
+                       for indices, probs in zip(top.tolist(), top_p.tolist())])
+        return [next(ranked) if ok else [] for ok in decoded]
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

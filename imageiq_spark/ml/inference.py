@@ -1,5 +1,7 @@
-"""Inference in Spark tasks: decode, preprocess and predict Arrow batches with the model loaded
-once per Python worker (like pyspark's `predict_batch_udf` and its `ModelCache`), numpy in and out.
+"""Inference in Spark tasks: decode, preprocess and run a model over Arrow batches with the model
+loaded once per Python worker (like pyspark's `predict_batch_udf` and its `ModelCache`), numpy in
+and out. One batch runner (`ModelBatches`) serves score and embed; a head says what each makes
+of the tensors (`Predictions` here: ranked classes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,7 @@ from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import TOP_K_DDL, schema
 from imageiq_spark.core.tensors import binary_views, tensors_from_binary
 from imageiq_spark.lake.session import spread
+from imageiq_spark.ml.ranking import top_classes
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +79,6 @@ class RegistryLoader:
         return load_classifier(self.model_uri)
 
 
-@dataclass(frozen=True)
-class DirectoryLoader:
-    """Loads an `ImageClassifier.save` directory (a local or shared path)."""
-
-    directory: str
-    key: str
-
-    def __call__(self) -> Predictor:
-        from imageiq_spark.ml.classifier import ImageClassifier
-
-        return ImageClassifier.load(self.directory)
-
-
 # --- the per-worker side ----------------------------------------------------------------------
 
 # Like pyspark.ml.functions' ModelCache: models by driver-made key, a few at most, per process.
@@ -127,14 +117,6 @@ def cached_model(loader: ModelLoader, threads: int) -> Predictor:
                 _MODELS.popitem(last=False)
         _MODELS.move_to_end(loader.key)
         return model
-
-
-def top_classes(probs: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class indices, float64 probabilities), each (n, k), most probable first; ties keep class
-    order. The one ranking batch and online predictions share."""
-    k = max(1, min(top_k, probs.shape[1]))
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return top, np.take_along_axis(probs, top, axis=1).astype(np.float64)
 
 
 def prediction_rows(probs: np.ndarray, labels: list[str], top_k: int) -> list[dict[str, Any]]:
@@ -176,34 +158,50 @@ def predictions_batch(
     )
 
 
-def failures_batch(image_ids: list[str], reasons: list[str], details: list[str]) -> pa.RecordBatch:
-    n = len(image_ids)
+def failures_batch(arrow_schema: pa.Schema, image_ids: list[str], reasons: list[str],
+                   details: list[str]) -> pa.RecordBatch:
+    """Rows of `arrow_schema` for images that could not decode: their id and why, nulls elsewhere."""
+    given = {"image_id": image_ids, "error": reasons, "error_detail": details}
     return pa.RecordBatch.from_arrays(
-        [
-            pa.array(image_ids, pa.string()),
-            pa.nulls(n, pa.string()),
-            pa.nulls(n, pa.float64()),
-            pa.nulls(n, _ARROW_TOP_K),
-            pa.array(reasons, pa.string()),
-            pa.array(details, pa.string()),
-        ],
-        schema=_ARROW_SCORED,
+        [pa.array(given[f.name], f.type) if f.name in given else pa.nulls(len(image_ids), f.type)
+         for f in arrow_schema],
+        schema=arrow_schema,
     )
 
 
+class BatchHead(Protocol):
+    """What a `ModelBatches` makes of a model and the tensors of a batch's decodable images."""
+
+    arrow_schema: pa.Schema  # its rows; it has image_id, error and error_detail for failures
+
+    def __call__(self, model: Any, image_ids: pa.Array, tensors: np.ndarray) -> pa.RecordBatch: ...
+
+
 @dataclass(frozen=True)
-class ScoreBatches:
-    """The `mapInArrow` function: (image_id, content | tensor) batches -> SCORED_SCHEMA batches.
+class Predictions:
+    """Score's head: probabilities ranked into SCORED_SCHEMA rows."""
+
+    top_k: int
+    arrow_schema: ClassVar[pa.Schema] = _ARROW_SCORED
+
+    def __call__(self, model: Predictor, image_ids: pa.Array, tensors: np.ndarray) -> pa.RecordBatch:
+        return predictions_batch(image_ids, model.predict_tensors(tensors), model.labels, self.top_k)
+
+
+@dataclass(frozen=True)
+class ModelBatches:
+    """The `mapInArrow` function of score and embed: (image_id, content | tensor) batches -> the
+    head's rows for decodable images, then a failures batch for those that were not.
 
     A module-level class, so workers import it (and its model cache) instead of unpickling a
     private copy of the cache with every task.
     """
 
     loader: ModelLoader
-    top_k: int
+    head: BatchHead
     threads: int
     tensor_shape: tuple[int, int, int] | None = None  # set: input is prepared tensors, not bytes
-    fault_inject: str = ""  # `faults.injected("score")`
+    fault_inject: str = ""  # `faults.injected(stage)`, the stage that runs it
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from imageiq_spark.vision.transform import prepare_batch
@@ -214,18 +212,16 @@ class ScoreBatches:
             if self.fault_inject:
                 faults.inject_any(ids.to_pylist(), self.fault_inject)
             if self.tensor_shape is not None:
-                probs = model.predict_tensors(tensors_from_binary(batch.column(1), self.tensor_shape))
-                yield predictions_batch(ids, probs, model.labels, self.top_k)
+                yield self.head(model, ids, tensors_from_binary(batch.column(1), self.tensor_shape))
                 continue
             tensors, failures = prepare_batch(binary_views(batch.column(1)), model.spec)
-            probs = model.predict_tensors(tensors)
             if not failures:
-                yield predictions_batch(ids, probs, model.labels, self.top_k)
+                yield self.head(model, ids, tensors)
                 continue
             ok = np.ones(len(ids), bool)
             ok[[index for index, _ in failures]] = False
-            yield predictions_batch(ids.filter(pa.array(ok)), probs, model.labels, self.top_k)
-            yield failures_batch([ids[index].as_py() for index, _ in failures],
+            yield self.head(model, ids.filter(pa.array(ok)), tensors)
+            yield failures_batch(self.head.arrow_schema, [ids[index].as_py() for index, _ in failures],
                                  [error.reason for _, error in failures],
                                  [error.detail for _, error in failures])
 
@@ -241,16 +237,6 @@ def task_threads(spark: SparkSession) -> int:
 def score_contents(df: DataFrame, loader: ModelLoader, top_k: int, fault_inject: str = "") -> DataFrame:
     """(image_id, content) rows -> SCORED_SCHEMA rows: decode, preprocess and predict in one pass."""
     spark = df.sparkSession
-    scorer = ScoreBatches(loader, top_k, task_threads(spark), fault_inject=fault_inject)
+    scorer = ModelBatches(loader, Predictions(top_k), task_threads(spark), fault_inject=fault_inject)
     return spread(df.select("image_id", "content")).mapInArrow(scorer, SCORED_SCHEMA)
-
-
-def score_tensors(
-    df: DataFrame, loader: ModelLoader, shape: tuple[int, int, int], top_k: int
-) -> DataFrame:
-    """(image_id, tensor) rows of prepared uint8 tensors -> SCORED_SCHEMA rows."""
-    spark = df.sparkSession
-    scorer = ScoreBatches(loader, top_k, task_threads(spark), tuple(shape))
-    return spread(df.select("image_id", "tensor")).mapInArrow(scorer, SCORED_SCHEMA)
-
 

@@ -5,7 +5,7 @@ request log, and how one request's images become predictions.
   polled; a new version is loaded and warmed beside the old one, then swapped in by one
   assignment: requests already decoded finish on the model they started with.
 - Decodes run on one thread per core; label, confidence and top-k come from score's
-  `top_classes` ranking (`inference.prediction_rows`), as in batch scoring.
+  `ranking.top_classes` (`inference.prediction_rows`), as in batch scoring.
 """
 
 from __future__ import annotations

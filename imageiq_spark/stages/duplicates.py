@@ -398,15 +398,3 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     summary.elapsed_s = time.monotonic() - started
     return summary
 
-
-def brute_force_pairs(ids: list[str], hashes: np.ndarray, k: int) -> set[tuple[str, str]]:
-    """Every pair within k bits by comparing all pairs (numpy): the reference the join must equal."""
-    order = np.argsort(np.asarray(ids, object))
-    names = np.asarray(ids, object)[order]
-    values = np.asarray(hashes, np.int64)[order]
-    found: set[tuple[str, str]] = set()
-    for i in range(len(values) - 1):
-        near = np.flatnonzero(phash.hamming(values[i], values[i + 1:]) <= k) + i + 1
-        found.update((names[i], names[j]) for j in near)
-    return found
-

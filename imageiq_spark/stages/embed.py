@@ -2,8 +2,8 @@
 
 The vector is the model's penultimate layer: the input of its last (classification) layer, after
 global average pooling for every architecture of the zoo (128 floats for the small CNN, 1,280 for
-MobileNetV2). Built like score, and reusing its pieces: one pass of `mapInArrow` over
-`images`, the model loaded once per Python worker (`inference.cached_model`, keyed by the exact
+MobileNetV2). Run by score's batch runner (`inference.ModelBatches`) with its own head: one pass
+of `mapInArrow` over `images`, the model loaded once per Python worker (keyed by the exact
 version and run), raw image bytes in and float32 vectors out as Arrow list<float> columns built
 from one numpy array (no pandas, no float64 copy); results staged to Parquet, then an insert-only
 MERGE on (image_id, model_name, model_version), so reruns and concurrent runs add each row once.
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +26,8 @@ from pyspark.sql import functions as F
 from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import schema
-from imageiq_spark.core.tensors import binary_views
 from imageiq_spark.lake.session import spread
-from imageiq_spark.ml.inference import ModelLoader, RegistryLoader, cached_model, task_threads
+from imageiq_spark.ml.inference import ModelBatches, ModelLoader, RegistryLoader, task_threads
 from imageiq_spark.pipeline.model_pass import ScoreSummary, model_pass
 
 log = logging.getLogger(__name__)
@@ -96,42 +94,18 @@ def vectors_batch(image_ids: pa.Array, vectors: np.ndarray) -> pa.RecordBatch:
 
 
 @dataclass(frozen=True)
-class EmbedBatches:
-    """The `mapInArrow` function: (image_id, content) batches -> EMBEDDED_SCHEMA batches."""
+class Vectors:
+    """Embed's head for `inference.ModelBatches`: an Embedder's vectors as EMBEDDED_SCHEMA rows."""
 
-    loader: EmbedderLoader
-    threads: int
-    fault_inject: str = ""  # `faults.injected("embed")`
+    arrow_schema: ClassVar[pa.Schema] = _ARROW_EMBEDDED
 
-    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from imageiq_spark.vision.transform import prepare_batch
-
-        embedder: Embedder = cached_model(self.loader, self.threads)  # type: ignore[arg-type,assignment]
-        for batch in batches:
-            ids = batch.column(0)
-            if self.fault_inject:
-                faults.inject_any(ids.to_pylist(), self.fault_inject)
-            tensors, failures = prepare_batch(binary_views(batch.column(1)), embedder.spec)
-            vectors = embedder.embed_tensors(tensors)
-            if not failures:
-                yield vectors_batch(ids, vectors)
-                continue
-            ok = np.ones(len(ids), bool)
-            ok[[index for index, _ in failures]] = False
-            yield vectors_batch(ids.filter(pa.array(ok)), vectors)
-            n = len(failures)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([ids[index].as_py() for index, _ in failures], pa.string()),
-                 pa.nulls(n, pa.list_(pa.float32())),
-                 pa.array([error.reason for _, error in failures], pa.string()),
-                 pa.array([error.detail for _, error in failures], pa.string())],
-                schema=_ARROW_EMBEDDED,
-            )
+    def __call__(self, model: Embedder, image_ids: pa.Array, tensors: np.ndarray) -> pa.RecordBatch:
+        return vectors_batch(image_ids, model.embed_tensors(tensors))
 
 
 def embed_contents(df: DataFrame, loader: EmbedderLoader, fault_inject: str = "") -> DataFrame:
     """(image_id, content) rows -> EMBEDDED_SCHEMA rows: decode, preprocess and embed in one pass."""
-    embedder = EmbedBatches(loader, task_threads(df.sparkSession), fault_inject)
+    embedder = ModelBatches(loader, Vectors(), task_threads(df.sparkSession), fault_inject=fault_inject)
     return spread(df.select("image_id", "content")).mapInArrow(embedder, EMBEDDED_SCHEMA)
 
 
