@@ -37,7 +37,7 @@ jars/delta/.done: Makefile
 	for a in $(DELTA_JARS); do $(MVN) -Dartifact=$$a -DoutputDirectory=jars/delta || exit 1; done
 	touch $@
 
-# Headless Debian chromium and its driver for the upload page's browser test (tests/test_serve.py).
+# Headless Debian chromium and its driver for the upload page's browser test (tests/serving/test_serve.py).
 # Without apt-get or root (macOS, Fedora, a laptop) nothing is installed and that test skips.
 browser:
 	@if test -x /usr/bin/chromium -a -x /usr/bin/chromedriver; then :; \
@@ -75,8 +75,8 @@ COMPAT_DELTA_JARS_3.5 := io.delta:delta-spark_2.12:3.3.3 io.delta:delta-storage:
 COMPAT_PACKAGES_3.5 := petastorm
 COMPAT_READER_4.0 := arrow
 COMPAT_READER_3.5 := petastorm
-COMPAT_TESTS := tests/test_ingest.py tests/test_preprocess.py tests/test_score.py tests/test_connect.py \
-  tests/test_train.py tests/test_duplicates.py::test_cosine_pairs_equal_every_pair_above_the_threshold
+COMPAT_TESTS := tests/stages/test_ingest.py tests/stages/test_preprocess.py tests/stages/test_score.py tests/test_connect.py \
+  tests/stages/test_train.py tests/stages/test_duplicates.py::test_cosine_pairs_equal_every_pair_above_the_threshold
 
 .venv-compat-%/.installed: requirements.txt constraints.txt constraints-compat-%.txt setup.py
 	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*

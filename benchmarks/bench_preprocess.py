@@ -239,11 +239,11 @@ Where the time goes (targets for the stage, the UDF: >= 0.8x and 0.9x at 500x375
 - Resizing, not decoding, is most of the plain loop's cost at 500x375: OpenCV's exact
   `INTER_AREA` runs scalar code at non-integer ratios (compare the two loop columns). The transform
   shrinks by 2x2 means (OpenCV's SIMD path) over a bilinear supersample at twice the target, within
-  a grey level of `INTER_AREA` (`tests/test_transform.py`), for a fraction of its cost. That saving
+  a grey level of `INTER_AREA` (`tests/vision/test_transform.py`), for a fraction of its cost. That saving
   is what pays for Spark's share of the same two cores.
 - 4000x3000 camera JPEGs: the full-size decode is nearly all of the plain loop's cost; the
   transform decodes at 1/4 scale in the DCT domain (within 2 grey levels mean of the full decode
-  with exact area averaging, `tests/test_transform.py`).
+  with exact area averaging, `tests/vision/test_transform.py`).
 - Both cores are busy in every column, so throughput is CPU per image: the UDF's Python CPU is
   the transform plus Arrow transport; the JVM's is the Parquet scan of the bytes and Arrow in and
   out of the Python workers. The scan is split into tasks of 32 MB (row groups of 8 MB), so no

@@ -15,7 +15,7 @@ import cv2
 import pytest
 import requests
 from conftest import make_config
-from test_score import register
+from registered import register
 from test_serve import free_port
 
 from imageiq_spark.cli.sample_data import load_digits

@@ -4,24 +4,20 @@ row exactly once; a Python worker that dies on one image fails only that image."
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-import yaml
+from cli_process import kill_when, run_cli, start_cli, write_conf
 from conftest import make_config
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from imageiq_spark.cli.sample_data import write_sample_data
 from imageiq_spark.core import faults
-from imageiq_spark.core.config import Config, ConfigError, to_dict
+from imageiq_spark.core.config import Config, ConfigError
 from imageiq_spark.lake import lakehouse, tracking
 from imageiq_spark.ml.classifier import load_classifier
 from imageiq_spark.stages import ingest, preprocess, train
@@ -37,36 +33,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def write_conf(config: Config, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(to_dict(config)))
-    return path
-
-
-def start_cli(conf: Path, *command: str, cwd: Path) -> subprocess.Popen:
-    """The CLI in its own process group, so the driver Python and its JVM die together."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "imageiq_spark", "--conf", str(conf), *command],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-
-
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """SIGKILL the driver's process group as soon as `ready()` holds (polled every 50 ms)."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended (exit {proc.returncode}) before the kill point:\n"
-                        + proc.stderr.read()[-3000:])
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("the kill point was never reached")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stdout.close()
-    proc.stderr.close()
-
-
 def python_workers_running(proc: subprocess.Popen) -> bool:
     """The job is computing: its JVM has started Python workers (they live until the job ends)."""
     try:
@@ -80,13 +46,6 @@ def python_workers_running(proc: subprocess.Popen) -> bool:
         except psutil.Error:  # a child that just ended (or a zombie) says nothing about the rest
             continue
     return False
-
-
-def run_cli(conf: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "imageiq_spark", "--conf", str(conf), *command],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )
 
 
 def ingest_keys(spark, config: Config):

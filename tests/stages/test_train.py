@@ -190,7 +190,7 @@ def test_crashed_run_resumes_from_its_checkpoint_in_the_same_run(spark, lake):
 
 @pytest.mark.slow  # a training driver of its own, killed, then the run resumed; `make test-all`
 def test_training_killed_with_sigkill_resumes_its_mlflow_run_and_finishes_it(spark, lake, tmp_path):
-    from test_faults import kill_when, start_cli, write_conf
+    from cli_process import kill_when, start_cli, write_conf
 
     _, config = lake
     config = config.with_overrides({"train.epochs": 4, "train.reader": "arrow",

@@ -7,7 +7,7 @@ import hashlib
 import images
 import pytest
 from conftest import make_config
-from test_duplicates import image_rows, variants
+from image_tables import image_rows, variants
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.lake import lakehouse

@@ -11,8 +11,8 @@ import images
 import numpy as np
 import pytest
 from conftest import make_config
-from test_duplicates import image_rows
-from test_score import register
+from image_tables import image_rows
+from registered import register
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import faults

@@ -28,7 +28,7 @@ import yaml
 from conftest import make_config
 from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import functions as F
-from test_score import LABELS, register
+from registered import LABELS, register
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core.config import to_dict

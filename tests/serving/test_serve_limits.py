@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 from conftest import make_config
-from test_score import register
+from registered import register
 from test_serve import ServerProcess, crafted_png
 
 from imageiq_spark.cli.sample_data import load_digits

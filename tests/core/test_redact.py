@@ -181,7 +181,7 @@ def test_no_secret_reaches_params_tags_job_runs_or_stderr_of_a_real_run(
 
 
 def test_the_k8s_readme_puts_no_key_on_a_command_line():
-    text = (Path(__file__).parents[1] / "deploy" / "k8s" / "README.md").read_text()
+    text = (Path(__file__).parents[2] / "deploy" / "k8s" / "README.md").read_text()
     assert "--from-literal" not in text
     assert "create secret generic imageiq-aws --from-env-file=" in text
 

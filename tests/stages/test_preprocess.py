@@ -18,10 +18,10 @@ import cv2
 import images
 import numpy as np
 import pytest
+from cli_process import start_cli, write_conf
 from conftest import make_config
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from test_faults import start_cli, write_conf
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import tables

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 import uuid
 
 import cv2
-import mlflow
 import numpy as np
 import pytest
 from conftest import make_config
@@ -20,17 +18,17 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from reference import DirectoryLoader
+from registered import LABELS, register
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import faults
 from imageiq_spark.lake import lakehouse, tracking
 from imageiq_spark.ml import inference
-from imageiq_spark.ml.classifier import ImageClassifier, load_classifier, log_classifier
+from imageiq_spark.ml.classifier import ImageClassifier, load_classifier
 from imageiq_spark.ml.models import ModelSpec, build_model
 from imageiq_spark.stages import ingest, score
 from imageiq_spark.vision.spec import TransformSpec
 
-LABELS = [str(d) for d in range(10)]
 HELD_BACK = 4  # images left out of `images` at first, to arrive later as "new" images
 
 
@@ -54,24 +52,6 @@ def base(spark, tmp_path_factory):
               .withColumn("content", F.lit(png[:40] + bytes(len(png) - 40))))
     lakehouse.merge_new_rows(config, "images", broken, ["image_id"])
     return root, config
-
-
-def register(spark, config, seed: int, alias: str | None = "champion") -> str:
-    """Log a small CNN (random weights, seeded) to the registry; returns its version."""
-    import tf_keras as keras
-
-    keras.utils.set_random_seed(seed)
-    tracking.configure_mlflow(config)
-    model = build_model(ModelSpec("small_cnn", 32, 32, 3, 10, (128.0,) * 3, (64.0,) * 3))
-    classifier = ImageClassifier(model, LABELS, TransformSpec(size=(32, 32)))
-    name = config.mlflow.registered_model
-    with mlflow.start_run(), tempfile.TemporaryDirectory() as staging:
-        info = log_classifier(classifier, staging, registered_model_name=name)
-    version = str(info.registered_model_version)
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version)
-        tracking.record_alias(spark, config, name, alias, version)
-    return version
 
 
 def new_lake(spark, base):
@@ -194,7 +174,7 @@ def test_an_explicit_model_uri_scores_under_that_version(spark, lake):
 
 @pytest.mark.slow  # two more Spark drivers; `make test` runs the paused two-driver test above
 def test_two_driver_processes_leave_one_row_per_image_and_version(spark, lake, tmp_path):
-    from test_faults import start_cli, write_conf
+    from cli_process import start_cli, write_conf
 
     conf = write_conf(lake, tmp_path / "conf.yaml")
 
@@ -214,7 +194,7 @@ def test_two_drivers_with_a_commit_in_between_leave_one_row_per_image_and_versio
     process) scores the same images and commits, then a maintain-like OPTIMIZE rewrites the table;
     B's MERGE then adds nothing."""
     import paused_driver
-    from test_faults import write_conf
+    from cli_process import write_conf
 
     ready, go = tmp_path / "ready", tmp_path / "go"
     other = paused_driver.start(write_conf(lake, tmp_path / "conf.yaml"), "score",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import images
 import pytest
+from cli_process import run_cli, write_conf
 from conftest import make_config
-from test_duplicates import image_rows
-from test_faults import run_cli, write_conf
-from test_score import register
+from image_tables import image_rows
+from registered import register
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.core import quiet
