@@ -64,7 +64,7 @@ with native_stderr_muted():
     import tf_keras as keras  # noqa: E402
 
 from imageiq_spark.core.config import AugmentConfig, Config, ConfigError, loggable_params  # noqa: E402
-from imageiq_spark.lake import lakehouse, storage  # noqa: E402
+from imageiq_spark.lake import delta_log, lakehouse, storage  # noqa: E402
 from imageiq_spark.lake.lease import Lease, hold  # noqa: E402
 from imageiq_spark.lake.runs import RunCounts  # noqa: E402
 from imageiq_spark.lake.session import is_connect  # noqa: E402
@@ -394,7 +394,7 @@ def prepared_version(spark: SparkSession, config: Config) -> int:
             "table 'prepared' does not exist under storage.root "
             f"'{config.storage.root}': run `imageiq preprocess` before `imageiq train`"
         )
-    return lakehouse.latest_version(spark, lakehouse.table_location(config, "prepared"))
+    return delta_log.latest_version(spark, lakehouse.table_location(config, "prepared"))
 
 
 def read_splits(spark: SparkSession, config: Config, version: int, preprocess_version: str
