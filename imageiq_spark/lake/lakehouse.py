@@ -11,31 +11,22 @@ their three-level names, as every other client of the metastore does.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from delta.exceptions import (
-    ConcurrentAppendException,
-    ConcurrentDeleteReadException,
-    ConcurrentTransactionException,
-    MetadataChangedException,
-    ProtocolChangedException,
-)
 import pyarrow as pa
-from pyarrow import fs
 from pyspark import StorageLevel
-from pyspark.errors import AnalysisException, PySparkException
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from imageiq_spark.lake import storage
 from imageiq_spark.core.config import Config, ConfigError
-from imageiq_spark.lake.session import cores, deal, is_connect, storage_uri
+from imageiq_spark.lake import conflicts, delta_log, storage
+from imageiq_spark.lake.session import cores, deal, storage_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +36,6 @@ TABLES = (
     "job_runs", "image_profiles", "monitor_profiles", "monitor_drift", "alerts", "champion_decisions",
     "image_hashes", "near_duplicates", "near_duplicate_clusters", "embeddings", "image_splits",
 )
-CONFLICTS = (
-    ConcurrentAppendException,
-    ConcurrentDeleteReadException,
-    ConcurrentTransactionException,
-    MetadataChangedException,
-    ProtocolChangedException,
-)
-#: The same conflicts by error condition: a Spark Connect client gets no `delta.exceptions` classes.
-CONFLICT_CONDITIONS = frozenset({
-    "DELTA_CONCURRENT_APPEND", "DELTA_CONCURRENT_DELETE_READ", "DELTA_CONCURRENT_TRANSACTION",
-    "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
-})
-T = TypeVar("T")
 #: Session settings for writes of image bytes and tensors: Parquet row groups of 8 MB, so that Spark
 #: splits a scan of the table over the cores evenly by bytes. A default 128 MB row group cannot be
 #: split: a table of three files then ran as three tasks on two cores. Parquet measures a row
@@ -99,45 +77,39 @@ def lake_path(config: Config, *parts: str) -> str:
     return "/".join([storage_uri(config.storage.root), *parts])
 
 
-def is_conflict(exc: BaseException) -> bool:
-    """Whether `exc` is a Delta commit that lost to a concurrent writer (classic or Connect)."""
-    if isinstance(exc, CONFLICTS):
-        return True
-    condition = error_condition(exc)
-    return bool(condition) and condition.split(".")[0] in CONFLICT_CONDITIONS
+@dataclass
+class Known:
+    """What one session learnt about the lake: its databases, the tables it registered (by name
+    and location) and the columns each table has. A stage ensures the same tables several times a
+    run (its writes, `job_runs`, a model pass), and each statement of creation, registration or
+    schema check costs Spark jobs; a table whose log has gone since (a listing, free) is
+    learnt again. Columns are only ever added, so a concurrent writer cannot make this wrong."""
+
+    databases: set[str] = field(default_factory=set)
+    registered: set[tuple[str, str]] = field(default_factory=set)
+    columns: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
-def error_condition(exc: BaseException) -> str | None:
-    """Spark's error condition (`PATH_NOT_FOUND`, ...): `getCondition` from Spark 4, before it
-    `getErrorClass`."""
-    if not isinstance(exc, PySparkException):
-        return None
-    return exc.getCondition() if hasattr(exc, "getCondition") else exc.getErrorClass()
+#: Per session: a catalog (and a foreachBatch's cloned session) is a session's own.
+_KNOWN: weakref.WeakKeyDictionary[SparkSession, Known] = weakref.WeakKeyDictionary()
 
 
-def with_conflict_retry(action: Callable[[], T], what: str, attempts: int = 5) -> T:
-    """Run a Delta write, retrying when a concurrent writer committed first."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except PySparkException as exc:
-            if not is_conflict(exc) or attempt == attempts:
-                raise
-            delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("%s: concurrent write (%s); retry %d in %.1fs", what,
-                        type(exc).__name__, attempt, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+def known(spark: SparkSession) -> Known:
+    return _KNOWN.setdefault(spark, Known())
 
 
 def ensure_database(spark: SparkSession, config: Config) -> None:
+    learnt = known(spark)
+    if database_name(config) in learnt.databases:
+        return
     if config.catalog.name:
         # A metastore's schema has its own storage (Unity Catalog refuses LOCATION); the tables
         # are external, at their own locations under storage.root.
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {database_name(config)}")
-        return
-    location = f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db"
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS `{config.catalog.database}` LOCATION '{location}'")
+    else:
+        location = f"{storage_uri(config.storage.root)}/warehouse/{config.catalog.database}.db"
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS `{config.catalog.database}` LOCATION '{location}'")
+    learnt.databases.add(database_name(config))
 
 
 def ensure_table(
@@ -148,6 +120,13 @@ def ensure_table(
     partition_by: Iterable[str] = (),
 ) -> None:
     """Create the Delta table at its location if it does not exist yet, and register it."""
+    location = table_location(config, table)
+    learnt = known(spark)
+    if ((qualified_name(config, table), location) in learnt.registered
+            and set(schema.fieldNames()) <= learnt.columns.get(location, frozenset())
+            and table_exists(spark, config, table)):
+        return
+    learnt.columns.pop(location, None)
     ensure_database(spark, config)
 
     def create() -> None:
@@ -157,9 +136,10 @@ def ensure_table(
                             for f in schema.fields)
         partitioned = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
         spark.sql(f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} ({columns}) USING DELTA"
-                  f"{partitioned} LOCATION '{table_location(config, table)}'")
+                  f"{partitioned} LOCATION '{location}'")
         if config.catalog.name:
             check_registered_location(spark, config, table)
+        learnt.registered.add((qualified_name(config, table), location))
 
     def create_tolerating_race() -> None:
         try:
@@ -168,18 +148,20 @@ def ensure_table(
             # A concurrent job created the folder between our check and our commit; its first
             # commit may still be on its way (the folder exists, its log does not yet).
             deadline = time.monotonic() + CREATE_RACE_WAIT_S
-            while not is_delta_table(spark, table_location(config, table)):
+            while not table_exists(spark, config, table):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
             register_table(spark, config, table)
 
-    with_conflict_retry(create_tolerating_race, f"create {table}")
-    add_missing_columns(spark, config, table, schema)
+    conflicts.with_conflict_retry(create_tolerating_race, f"create {table}")
+    learnt.columns[location] = add_missing_columns(spark, config, table, schema)
 
 
-def add_missing_columns(spark: SparkSession, config: Config, table: str, schema: StructType) -> None:
-    """Schema evolution: columns of `schema` an existing table lacks are added at its end.
+def add_missing_columns(spark: SparkSession, config: Config, table: str, schema: StructType
+                        ) -> frozenset[str]:
+    """Schema evolution: columns of `schema` an existing table lacks are added at its end; returns
+    the table's columns.
 
     Delta adds them as nullable and old rows read NULL, so a column is added to a table by adding
     its StructField (nullable, last) to the schema in `tables`: the next run of the stage does it.
@@ -188,21 +170,25 @@ def add_missing_columns(spark: SparkSession, config: Config, table: str, schema:
     missing = [f for f in schema.fields if f.name not in present]
     if missing:
         columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
-        with_conflict_retry(
+        conflicts.with_conflict_retry(
             lambda: spark.sql(f"ALTER TABLE {table_ref(config, table)} ADD COLUMNS ({columns})"),
             f"add columns to {table}")
+    return frozenset(present | {f.name for f in missing})
 
 
 def register_table(spark: SparkSession, config: Config, table: str) -> bool:
-    """Register an existing table folder in the session's catalog; False if there is none."""
+    """Register an existing table folder in the session's catalog (once per session); False if
+    there is none."""
     location = table_location(config, table)
-    if not is_delta_table(spark, location):
+    if not table_exists(spark, config, table):
         return False
-    spark.sql(
-        f"CREATE TABLE IF NOT EXISTS {qualified_name(config, table)} USING DELTA LOCATION '{location}'"
-    )
+    name = qualified_name(config, table)
+    if (name, location) in known(spark).registered:
+        return True
+    spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{location}'")
     if config.catalog.name:
         check_registered_location(spark, config, table)
+    known(spark).registered.add((name, location))
     return True
 
 
@@ -247,44 +233,7 @@ def read_table(spark: SparkSession, config: Config, table: str) -> DataFrame:
 
 
 def table_exists(spark: SparkSession, config: Config, table: str) -> bool:
-    return is_delta_table(spark, table_location(config, table))
-
-
-def is_delta_table(spark: SparkSession, location: str) -> bool:
-    """Whether `location` holds a Delta table: a commit or a checkpoint in its `_delta_log`.
-
-    Listed with the driver's file system (a millisecond) where it reaches the lake; a Spark Connect
-    client may not, nor a file system pyarrow lacks: those ask the server with SQL (~80 ms, and
-    a stage asks about each of its tables a few times per run). SQL rather than Delta's Python
-    `DeltaTable`, which Spark Connect serves only with Delta's Connect plugin on the server."""
-    if not is_connect(spark):
-        try:
-            return has_delta_log(location)
-        except (OSError, ValueError) as exc:  # pyarrow's errors: no such file system, no access
-            log.debug("listing %s/_delta_log failed (%s): asking Spark", location, exc)
-    try:
-        detail = spark.sql(f"DESCRIBE DETAIL delta.`{location}`").select("format").first()
-    except AnalysisException:
-        return False
-    return detail is not None and detail["format"] == "delta"
-
-
-def has_delta_log(location: str) -> bool:
-    """A commit (`NNN.json`) or checkpoint in `location`/_delta_log, as Delta finds a table; a
-    hidden file is a commit still being written."""
-    filesystem, path = storage.filesystem(location)
-    listing = filesystem.get_file_info(fs.FileSelector(f"{path}/_delta_log", allow_not_found=True))
-    return any((entry.base_name.endswith(".json") or ".checkpoint." in entry.base_name)
-               and not entry.base_name.startswith(".") for entry in listing)
-
-
-def history(spark: SparkSession, location: str, limit: int | None = None) -> DataFrame:
-    """The Delta table's commit history, newest first (DESCRIBE HISTORY's columns)."""
-    return spark.sql(f"DESCRIBE HISTORY delta.`{location}`" + (f" LIMIT {limit}" if limit else ""))
-
-
-def latest_version(spark: SparkSession, location: str) -> int:
-    return int(history(spark, location, 1).select("version").first()[0])
+    return delta_log.is_delta_table(spark, table_location(config, table))
 
 
 def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: str,
@@ -300,7 +249,7 @@ def merge(config: Config, table: str, rows: DataFrame, condition: str, actions: 
     rows.createOrReplaceTempView(view)
     statement = f"MERGE INTO {table_ref(config, table)} t USING {view} s ON {condition} {actions}"
     try:
-        metrics = with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
+        metrics = conflicts.with_conflict_retry(lambda: session.sql(statement).collect(), f"merge {table}",
                                       attempts)
     finally:
         session.catalog.dropTempView(view)

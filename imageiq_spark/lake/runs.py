@@ -16,16 +16,15 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import SparkSession
 
-from imageiq_spark.lake import lakehouse
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config, ConfigError, loggable_params
 from imageiq_spark.core.redact import redact
 from imageiq_spark.core.tables import schema
+from imageiq_spark.lake import conflicts, lakehouse
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class RunRecord:
 def append_run(spark: SparkSession, config: Config, row: tuple) -> None:
     lakehouse.ensure_table(spark, config, "job_runs", JOB_RUNS_SCHEMA)
     rows = spark.createDataFrame([row], JOB_RUNS_SCHEMA)
-    lakehouse.with_conflict_retry(
+    conflicts.with_conflict_retry(
         # mergeSchema: a job_runs table from before rows_skipped gains the column.
         lambda: rows.write.format("delta").mode("append").option("mergeSchema", "true").save(
             lakehouse.table_location(config, "job_runs")),

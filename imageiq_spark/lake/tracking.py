@@ -17,12 +17,12 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from imageiq_spark.lake import lakehouse
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config, ConfigError
 from imageiq_spark.core.redact import redact, redact_settings
-from imageiq_spark.lake.session import storage_uri
 from imageiq_spark.core.tables import schema
+from imageiq_spark.lake import conflicts, lakehouse
+from imageiq_spark.lake.session import storage_uri
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow writes "View run ... at: <tracking URI>" to stdout: results only go there, and the URI
@@ -181,7 +181,7 @@ def record_alias(spark: SparkSession, config: Config, name: str, alias: str, ver
         [(name, alias, str(version), previous, action, reason, _user(), utc_now())],
         ALIAS_HISTORY_SCHEMA,
     )
-    lakehouse.with_conflict_retry(
+    conflicts.with_conflict_retry(
         lambda: move.write.format("delta").mode("append").save(
             lakehouse.table_location(config, "alias_history")),
         "append alias_history",

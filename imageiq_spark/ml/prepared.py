@@ -38,7 +38,7 @@ from imageiq_spark.core.tables import (
     VERSIONS_SCHEMA,
     VERSIONS_TABLE,
 )
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import delta_log, lakehouse
 from imageiq_spark.vision.preprocess_udf import (
     FAILURE_FIELDS,
     OUTCOME_SCHEMA,
@@ -167,7 +167,7 @@ def pending_images(spark: SparkSession, config: Config, spec: TransformSpec,
 
 
 def latest_version(spark: SparkSession, config: Config, table: str) -> int:
-    return lakehouse.latest_version(spark, lakehouse.table_location(config, table))
+    return delta_log.latest_version(spark, lakehouse.table_location(config, table))
 
 
 # ------------------------------------------------------------------------------------ writes
@@ -271,7 +271,7 @@ def catch_up_run_stats(spark: SparkSession, config: Config, spec: TransformSpec)
     skipping on `prepared_at`). Returns the runs caught up.
     """
     prefix = f"{TAG_PREFIX}{spec.version}:"
-    history = lakehouse.history(spark, lakehouse.table_location(config, "prepared"))
+    history = delta_log.history(spark, lakehouse.table_location(config, "prepared"))
     committed = {
         # A tag without an offset was written in local time, before the one clock.
         as_utc(datetime.datetime.fromisoformat(row["userMetadata"][len(prefix):].split("#")[0]))

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError
 from imageiq_spark.core.summary import Row, aligned
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import conflicts, delta_log, lakehouse
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.session import session_conf
 
@@ -79,7 +79,7 @@ def _file_count(spark: SparkSession, location: str) -> tuple[int, int]:
 
 def _vacuumed_files(spark: SparkSession, location: str, since_version: int) -> int | None:
     """Files the VACUUM just run deleted, from its `VACUUM END` commit (Delta's vacuum logging)."""
-    ends = (lakehouse.history(spark, location)
+    ends = (delta_log.history(spark, location)
             .where((F.col("version") > since_version) & (F.col("operation") == "VACUUM END"))
             .select("operationMetrics").collect())
     return int(ends[0][0].get("numDeletedFiles", 0)) if ends else None
@@ -89,9 +89,9 @@ def maintain_table(spark: SparkSession, config: Config, table: str, hours: int) 
     location = lakehouse.table_location(config, table)
     files_before, _ = _file_count(spark, location)
     with session_conf(spark, lakehouse.rewrite_settings(config, table)):
-        lakehouse.with_conflict_retry(lambda: spark.sql(f"OPTIMIZE delta.`{location}`").collect(),
+        conflicts.with_conflict_retry(lambda: spark.sql(f"OPTIMIZE delta.`{location}`").collect(),
                                       f"optimize {table}")
-    before_vacuum = lakehouse.latest_version(spark, location)
+    before_vacuum = delta_log.latest_version(spark, location)
     with session_conf(spark, {"spark.databricks.delta.vacuum.logging.enabled": "true"}):
         spark.sql(f"VACUUM delta.`{location}` RETAIN {hours} HOURS").collect()
     files_after, bytes_after = _file_count(spark, location)

@@ -36,7 +36,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError, loggable_params
 from imageiq_spark.core.summary import aligned
-from imageiq_spark.lake import lakehouse, storage
+from imageiq_spark.lake import delta_log, lakehouse, storage
 from imageiq_spark.lake.lease import Lease, hold
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.session import is_connect
@@ -129,7 +129,7 @@ def prepared_version(spark: SparkSession, config: Config) -> int:
             "table 'prepared' does not exist under storage.root "
             f"'{config.storage.root}': run `imageiq preprocess` before `imageiq train`"
         )
-    return lakehouse.latest_version(spark, lakehouse.table_location(config, "prepared"))
+    return delta_log.latest_version(spark, lakehouse.table_location(config, "prepared"))
 
 
 def read_splits(spark: SparkSession, config: Config, version: int, preprocess_version: str

@@ -7,9 +7,10 @@ import contextlib
 import io
 
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
 from pyspark.testing import assertDataFrameEqual
 
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import delta_log, lakehouse
 from imageiq_spark.lake.session import session_conf, spread
 
 
@@ -23,8 +24,8 @@ def test_a_folder_without_a_log_is_no_delta_table(spark, tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "part-0.parquet").write_bytes(b"not a table")
 
-    assert lakehouse.is_delta_table(spark, f"file:{tmp_path / 'plain'}") is False
-    assert lakehouse.is_delta_table(spark, f"file:{tmp_path / 'missing'}") is False
+    assert delta_log.is_delta_table(spark, f"file:{tmp_path / 'plain'}") is False
+    assert delta_log.is_delta_table(spark, f"file:{tmp_path / 'missing'}") is False
 
 
 def test_a_log_whose_first_commit_is_still_being_written_is_no_delta_table(spark, tmp_path):
@@ -32,15 +33,51 @@ def test_a_log_whose_first_commit_is_still_being_written_is_no_delta_table(spark
     log.mkdir(parents=True)
     (log / ".00000000000000000000.json.5f0c.tmp").write_text("{}")
 
-    assert lakehouse.is_delta_table(spark, f"file:{tmp_path / 'creating'}") is False
+    assert delta_log.is_delta_table(spark, f"file:{tmp_path / 'creating'}") is False
 
 
 def test_a_written_table_is_a_delta_table_as_spark_says(spark, tmp_path):
     location = f"file:{tmp_path / 'table'}"
     spark.range(3).write.format("delta").save(location)
 
-    assert lakehouse.is_delta_table(spark, location) is True
+    assert delta_log.is_delta_table(spark, location) is True
     assert describe_says_delta(spark, location) is True
+
+
+def test_the_latest_version_is_read_from_the_log_as_delta_history_gives_it(spark, tmp_path):
+    location = f"file:{tmp_path / 'table'}"
+    for _ in range(3):
+        spark.range(3).write.format("delta").mode("append").save(location)
+    (tmp_path / "table" / "_delta_log" / ".00000000000000000003.json.5f0c.tmp").write_text("{}")
+
+    assert delta_log.latest_version(spark, location) == 2
+    assert delta_log.history(spark, location, 1).first()["version"] == 2
+
+
+def spark_jobs(spark) -> int:
+    return max(spark.sparkContext.statusTracker().getJobIdsForGroup(None) or [-1])
+
+
+def test_a_session_creates_and_registers_a_table_once(spark, config):
+    schema = StructType([StructField("image_id", StringType()), StructField("label", StringType())])
+    session = spark.newSession()
+    lakehouse.ensure_table(session, config, "images", schema)
+    jobs = spark_jobs(spark)
+
+    lakehouse.ensure_table(session, config, "images", schema)
+    assert lakehouse.register_table(session, config, "images") is True
+    assert spark_jobs(spark) == jobs
+    assert session.table(lakehouse.qualified_name(config, "images")).columns == ["image_id", "label"]
+
+
+def test_a_column_added_to_a_schema_reaches_a_table_the_session_knows(spark, config):
+    narrow = StructType([StructField("image_id", StringType())])
+    session = spark.newSession()
+    lakehouse.ensure_table(session, config, "images", narrow)
+
+    wide = StructType([*narrow.fields, StructField("label", StringType())])
+    lakehouse.ensure_table(session, config, "images", wide)
+    assert lakehouse.read_table(session, config, "images").columns == ["image_id", "label"]
 
 
 IMAGES = [("a", b"aaa"), ("b", b"bbb"), ("c", b"ccc"), ("d", b"ddd"), ("e", b"eee")]

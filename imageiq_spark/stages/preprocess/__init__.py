@@ -48,7 +48,7 @@ from imageiq_spark.core import faults
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import LABELS_TABLE
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import conflicts, lakehouse
 from imageiq_spark.lake.session import session_conf
 from imageiq_spark.ml.prepared import (
     TAG_PREFIX,
@@ -206,7 +206,7 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
                 written, attempt_report = prepare_pending(spark, config, spec, pending.rows, pending.ids,
                                                           prepared_at, tag)
             except PySparkException as exc:
-                if not lakehouse.is_conflict(exc):
+                if not conflicts.is_conflict(exc):
                     raise
                 log.warning("preprocess: a concurrent commit to prepared won (%s); attempt %d of %d",
                             type(exc).__name__, attempt, ATTEMPTS)
