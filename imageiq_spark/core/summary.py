@@ -1,8 +1,11 @@
-"""The one printer of stage summaries: `label: value` rows with their values in one column."""
+"""The one printer of stage summaries: `label: value` rows with their values in one column, and the
+stopwatch whose `elapsed` row says where a stage's time went."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 #: A `(label, value)` row, or a line of its own (a table row, an alert under its count) kept as written.
 Row = tuple[str, object] | str
@@ -27,3 +30,42 @@ def aligned(rows: Iterable[Row]) -> list[str]:
     width = max([NARROWEST, *(n for n in labels if n <= WIDEST)])
     return [row if isinstance(row, str) else f"{row[0] + ':':<{width}} {text(row[1])}".rstrip()
             for row in rows]
+
+
+@dataclass
+class Stopwatch:
+    """Where a stage's time went, as its summary shows it: the fixed part before the first image is
+    worked on (start-up of the stage, finding what is pending, tables), then the rate of the work.
+
+    Wall-clock seconds (`time.time`), so a mark made in another process (a micro-batch of a
+    streaming query) counts too.
+    """
+
+    started: float = field(default_factory=time.time)
+    #: When the first image was worked on; None while (or when) there was nothing to work on.
+    working: float | None = None
+    stopped: float | None = None
+
+    def work(self, at: float | None = None) -> None:
+        """Mark the start of the work (now, or at the earliest of the times marked)."""
+        at = time.time() if at is None else at
+        self.working = at if self.working is None else min(self.working, at)
+
+    def stop(self) -> float:
+        """Stop the watch; the seconds since it started."""
+        self.stopped = time.time()
+        return self.elapsed_s
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.stopped or time.time()) - self.started
+
+    def row(self, images: int) -> Row:
+        """The summary's `elapsed` row: the total, split into the fixed part and the images' rate."""
+        total = f"{self.elapsed_s:.1f} s"
+        if self.working is None or not images:
+            return ("elapsed", f"{total}, nothing to work on")
+        fixed = self.working - self.started
+        work = max((self.stopped or time.time()) - self.working, 1e-9)
+        return ("elapsed", f"{total}: {fixed:.1f} s before the first image, "
+                           f"then {images / work:.1f} images/s")

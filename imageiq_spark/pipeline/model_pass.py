@@ -7,7 +7,7 @@ import datetime
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pyspark.sql import DataFrame, SparkSession
@@ -17,7 +17,7 @@ from pyspark.sql.types import StructType
 from imageiq_spark.core import faults
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
-from imageiq_spark.core.summary import aligned
+from imageiq_spark.core.summary import Stopwatch, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 
@@ -62,23 +62,22 @@ class ScoreSummary:
     candidates: int = 0
     inserted: int = 0
     failed: int = 0
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
     #: How `lines()` names the images to do and the rows made (embed's summary says its own).
-    todo_label: ClassVar[str] = "to score:"
-    output_label: ClassVar[str] = "predictions:"
+    todo_label: ClassVar[str] = "to score"
+    output_label: ClassVar[str] = "predictions"
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.candidates, written=self.inserted, quarantined=self.failed,
                          model_name=self.model_name, model_version=self.model_version)
 
     def lines(self) -> list[str]:
-        rate = self.candidates / self.elapsed_s if self.elapsed_s else 0.0
         return aligned([
             ("model", f"{self.model_name} version {self.model_version}"),
-            (self.todo_label.removesuffix(":"), self.candidates),
-            (self.output_label.removesuffix(":"), f"{self.inserted} new"),
+            (self.todo_label, self.candidates),
+            (self.output_label, f"{self.inserted} new"),
             ("quarantined", self.failed),
-            ("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"),
+            self.watch.row(self.candidates),
         ])
 
 
@@ -113,6 +112,7 @@ def model_pass(
             at = utc_now()
             staging = lakehouse.lake_path(config, "staging", table, uuid.uuid4().hex)
             try:
+                summary.watch.work()
                 _, crashed = faults.survive_worker_crashes(
                     lambda crashed: predict(faults.restrict(todo, "image_id", crashed, keep=False) if crashed
                                             else todo, at).write.mode("overwrite").parquet(staging),

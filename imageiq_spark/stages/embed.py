@@ -14,7 +14,6 @@ worker (reason `worker_crash`, `model_pass`).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,13 +119,12 @@ def model_loader(config: Config, model_uri: str | None) -> tuple[str, str, Embed
 
 
 class EmbedSummary(ScoreSummary):
-    todo_label = "to embed:"
-    output_label = "embeddings:"
+    todo_label = "to embed"
+    output_label = "embeddings"
 
 
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> EmbedSummary:
     """Embed every image without an embedding from the model version behind `model_uri`."""
-    started = time.monotonic()
     name, version, loader = model_loader(config, model_uri)
     summary = EmbedSummary(name, version)
     model_pass(
@@ -136,5 +134,5 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Em
                                      F.lit(version).alias("model_version"), "vector",
                                      F.lit(at).alias("embedded_at")),
     )
-    summary.elapsed_s = time.monotonic() - started
+    summary.watch.stop()
     return summary

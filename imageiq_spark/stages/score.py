@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -57,7 +56,6 @@ def with_model_columns(scored: DataFrame, name: str, version: str, run_id: str |
 
 def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> ScoreSummary:
     """Score every image without a prediction from the model version behind `model_uri`."""
-    started = time.monotonic()
     uri = model_uri or tracking.default_model_uri(config)
     name, version, run_id = tracking.resolve_model(config, uri)
     pinned = f"models:/{name}/{version}"
@@ -74,5 +72,5 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Sc
         lambda good, _at: good.join(lakehouse.read_table(spark, config, "images").select("image_id", "label"),
                                     "image_id").select(*PREDICTIONS_SCHEMA.fieldNames()),
     )
-    summary.elapsed_s = time.monotonic() - started
+    summary.watch.stop()
     return summary

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageiq_spark.core.summary import aligned
+from imageiq_spark.core.summary import Stopwatch, aligned
 
 
 def test_values_start_in_one_column_at_least_fourteen_characters_in():
@@ -40,3 +40,19 @@ def test_a_plain_line_is_kept_and_an_empty_value_leaves_a_heading():
         "  critical label_js = 0.2748 > 0.12",
         "pending:",
     ]
+
+
+def test_the_elapsed_row_splits_the_fixed_part_from_the_rate_of_the_work():
+    watch = Stopwatch(started=100.0)
+    watch.work(at=103.5)
+    watch.work(at=102.0)  # a micro-batch marked earlier: the earliest mark counts
+    watch.stopped = 112.0
+
+    assert watch.row(500) == ("elapsed", "12.0 s: 2.0 s before the first image, then 50.0 images/s")
+
+
+def test_a_run_with_nothing_to_work_on_says_so():
+    watch = Stopwatch(started=100.0)
+    watch.stopped = 101.25
+
+    assert watch.row(0) == ("elapsed", "1.2 s, nothing to work on")

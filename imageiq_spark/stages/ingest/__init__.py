@@ -27,7 +27,7 @@ from pyspark.sql.types import StructType
 
 from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config, ConfigError
-from imageiq_spark.core.summary import aligned
+from imageiq_spark.core.summary import Stopwatch, aligned
 from imageiq_spark.core.tables import IMAGES_SCHEMA, QUARANTINE_KEYS, QUARANTINE_SCHEMA
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.runs import RunCounts
@@ -59,14 +59,13 @@ class IngestSummary:
     duplicates: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     relabelled: int = 0
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.files_seen, written=self.new_images,
                          quarantined=sum(self.quarantined.values()))
 
     def lines(self) -> list[str]:
-        rate = self.files_seen / self.elapsed_s if self.elapsed_s else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
         return aligned([
             ("files seen", self.files_seen),
@@ -74,7 +73,7 @@ class IngestSummary:
             ("duplicates", self.duplicates),
             ("quarantined", f"{sum(self.quarantined.values())} ({reasons})"),
             ("relabelled", self.relabelled),
-            ("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"),
+            self.watch.row(self.files_seen),
         ])
 
 
@@ -93,7 +92,7 @@ def ensure_tables(spark: SparkSession, config: Config) -> None:
 
 
 BATCH_REPORT_SCHEMA = ("files_seen int, new_images int, duplicates int, relabelled int, "
-                       "quarantined map<string, int>")
+                       "quarantined map<string, int>, started double")
 
 
 def add_batch_reports(spark: SparkSession, reports: str, summary: IngestSummary) -> None:
@@ -109,6 +108,7 @@ def add_batch_reports(spark: SparkSession, reports: str, summary: IngestSummary)
         summary.duplicates += row["duplicates"]
         summary.relabelled += row["relabelled"]
         summary.quarantined.update(row["quarantined"])
+        summary.watch.work(at=row["started"])
     storage.delete_dir(reports)
 
 
@@ -124,7 +124,6 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         config, "checkpoints", "ingest", hashlib.sha256(source_uri(source).encode()).hexdigest()[:16]
     )
     summary = IngestSummary()
-    started = time.monotonic()
     stream = (
         spark.readStream.format("binaryFile")
         .schema(StructType(BATCH_SCHEMA.fields[:4]))
@@ -152,6 +151,7 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         )
 
     def write_files(files: DataFrame, batch_id: int, crashed: list[str]) -> None:
+        started = time.time()  # wall clock: under Spark Connect this runs in the server's process
         labelled = label_column(files, files.sparkSession, config)
         probed = probed_files(labelled, config, crashed).persist(StorageLevel.DISK_ONLY)
         relabelled = 0
@@ -182,7 +182,7 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
                                             moved_only=True)
         finally:
             probed.unpersist()
-        report = (good + sum(counts.values()), inserted, good - inserted, relabelled, dict(counts))
+        report = (good + sum(counts.values()), inserted, good - inserted, relabelled, dict(counts), started)
         session = files.sparkSession
         session.createDataFrame([report], BATCH_REPORT_SCHEMA).write.mode("append").parquet(reports)
         log.info("ingest batch %d: %d files, %d new images, %d quarantined", batch_id,
@@ -206,5 +206,5 @@ def run(spark: SparkSession, config: Config) -> IngestSummary:
         ids = lakehouse.read_table(spark, config, "images").select("image_id", "path")
         listed = label_column(ids, spark, config).where(F.col("label").isNotNull())
         summary.relabelled += labels.relabel(spark, config, listed, config.ingest.labels)
-    summary.elapsed_s = time.monotonic() - started
+    summary.watch.stop()
     return summary
