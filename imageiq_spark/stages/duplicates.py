@@ -24,6 +24,10 @@ components of all pairs, labelled by their smallest image_id: union-find on the 
 the edge list holds only near-duplicates (a few per image at most, bytes per edge), whereas label
 propagation in Spark costs one shuffle job per step of the longest chain. The clusters table is
 brought to the new components by one MERGE (update, insert, delete what left).
+
+A rerun with nothing new runs no Spark job: a search ends by recording (`stage_state`) the Delta
+versions of the tables it read and wrote, the duplicates settings and its counts; while every
+version and the settings are the same, a rerun reports those counts.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.core.tables import CLUSTERS_SCHEMA, CLUSTERS_TABLE, schema
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, stage_state
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.session import deal, spread, to_arrow
 from imageiq_spark.vision import phash
@@ -67,6 +71,10 @@ PAIRS_SCHEMA = schema(
 )
 PAIR_KEYS = ["image_id_a", "image_id_b", "tier"]
 TIERS = ("exact", "phash", "embedding")
+#: The tables a search reads or writes: while none has a new commit, a search would find the same.
+WATCHED = ("images", "embeddings", HASHES_TABLE, PAIRS_TABLE, CLUSTERS_TABLE)
+#: What a rerun with nothing new reports from the last search (it hashes and adds nothing).
+RECORDED = ("pairs", "embedding_model", "clusters", "clustered_images", "small", "min_side")
 _HASH_ROWS = StructType([StructField(f.name, f.dataType, True) for f in HASHES_SCHEMA.fields[:-1]])
 _SIMILAR_ROWS = schema("image_id_a STRING NOT NULL, image_id_b STRING NOT NULL, similarity DOUBLE NOT NULL")
 
@@ -354,10 +362,20 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
             "run `imageiq ingest` first"
         )
     started = time.monotonic()
+    ensure_tables(spark, config)
+    versions = stage_state.table_versions(spark, config, WATCHED)
+    found = stage_state.unchanged(config, "duplicates", config.fingerprint("duplicates"), versions)
+    summary = DuplicatesSummary(**found) if found else search(spark, config)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def search(spark: SparkSession, config: Config) -> DuplicatesSummary:
     settings = config.duplicates
     summary = DuplicatesSummary()
-    ensure_tables(spark, config)
     summary.hashed, summary.unreadable = update_hashes(spark, config)
+    # Taken before the reads: a commit in between leaves the state older than what was read.
+    before = stage_state.table_versions(spark, config, WATCHED)
     hashes = lakehouse.read_table(spark, config, HASHES_TABLE)
     sized = lakehouse.read_table(spark, config, "images").select(
         "image_id", (F.least("width", "height") >= settings.min_side).alias("large"))
@@ -390,11 +408,18 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     # stored ones also repairs a run that crashed between the two writes.
     current = lakehouse.read_table(spark, config, CLUSTERS_TABLE).select("image_id", "cluster_id")
     stored_clusters = {r["image_id"]: r["cluster_id"] for r in current.collect()}
-    if stored_clusters != clusters:
+    rewrite = stored_clusters != clusters
+    if rewrite:
         write_clusters(spark, config, clusters)
     summary.clusters = len(set(clusters.values()))
     summary.clustered_images = len(clusters)
     lakehouse.register_tables(spark, config)
-    summary.elapsed_s = time.monotonic() - started
+    # Recorded only when this run's own commits are all that changed: another driver's commit
+    # in between may hold pairs these counts and clusters lack.
+    after = stage_state.table_versions(spark, config, WATCHED)
+    ours = {PAIRS_TABLE: int(summary.new_pairs > 0), CLUSTERS_TABLE: int(rewrite)}
+    if all(after[t] == (None if before[t] is None else before[t] + ours.get(t, 0)) for t in WATCHED):
+        found = {k: getattr(summary, k) for k in RECORDED}
+        stage_state.record(config, "duplicates", config.fingerprint("duplicates"), after, found)
     return summary
 
