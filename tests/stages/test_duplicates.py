@@ -16,6 +16,7 @@ from reference import brute_force_pairs
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.serving import similar
 from imageiq_spark.stages import duplicates, ingest
+from imageiq_spark.stages.duplicates import tiers
 from imageiq_spark.vision import phash
 
 K = 8  # the default duplicates.max_distance
@@ -76,7 +77,7 @@ def test_banded_join_equals_brute_force_hamming_on_2000_hashes(spark):
     ids = [f"{i:05d}" for i in range(len(hashes))]
     df = spark.createDataFrame([(i, int(h)) for i, h in zip(ids, hashes)], "image_id string, phash bigint")
     for k in (3, K):
-        joined = duplicates.hamming_pairs(df, k).collect()
+        joined = tiers.hamming_pairs(df, k).collect()
         expected = brute_force_pairs(ids, hashes, k)
         assert len(expected) > 150
         assert len(joined) == len({(r[0], r[1]) for r in joined})  # each pair once
@@ -92,7 +93,7 @@ def test_cosine_pairs_equal_every_pair_above_the_threshold(spark):
     ids = [f"{i:03d}" for i in range(len(vectors))]
     df = spark.createDataFrame([(i, v.tolist()) for i, v in zip(ids, vectors)],
                                "image_id string, vector array<float>")
-    found = {(r[0], r[1]): r[2] for r in duplicates.cosine_pairs(spark, df, 0.97).collect()}
+    found = {(r[0], r[1]): r[2] for r in tiers.cosine_pairs(spark, df, 0.97).collect()}
     unit = vectors.astype(np.float64) / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sims = unit @ unit.T
     pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))]
@@ -105,7 +106,7 @@ def test_cosine_pairs_equal_every_pair_above_the_threshold(spark):
 
 
 def test_components_label_each_image_with_the_smallest_id_of_its_cluster():
-    assert duplicates.components([("c", "d"), ("b", "c"), ("x", "y"), ("a", "y")]) == {
+    assert tiers.components([("c", "d"), ("b", "c"), ("x", "y"), ("a", "y")]) == {
         "a": "a", "x": "a", "y": "a", "b": "b", "c": "b", "d": "b"}
 
 
