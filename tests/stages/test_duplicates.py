@@ -13,7 +13,7 @@ from conftest import make_config
 from image_tables import image_rows, variants
 from reference import brute_force_pairs
 
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, runs
 from imageiq_spark.serving import similar
 from imageiq_spark.stages import duplicates, ingest
 from imageiq_spark.stages.duplicates import tiers
@@ -180,8 +180,6 @@ def test_similar_without_embeddings_ranks_by_phash_the_image_itself_first(spark,
 
 
 def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_counted(spark, tmp_path):
-    from imageiq_spark.lake import runs
-
     config = make_config(tmp_path)
     original = photo(3)
     contents = {"photo/original": images.jpeg(original, quality=95)}
@@ -204,3 +202,39 @@ def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_coun
     assert line.endswith("pairs (1 images under 32 px a side left out)")
     (row,) = lakehouse.read_table(spark, config, "job_runs").collect()
     assert row["rows_skipped"] == 1 and row["stage"] == "duplicates"
+
+
+def test_a_rerun_with_nothing_new_runs_no_job_nor_commit_and_reports_the_same_and_a_new_image_is_searched(
+        spark, tmp_path):
+    from imageiq_spark.lake import stage_state
+
+    config = make_config(tmp_path)
+    copies = variants(photo(4))
+    contents = {"photo/original": images.jpeg(photo(4), quality=95), "photo/resized": copies["resized"]}
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+    first = duplicates.run(spark, config)
+    versions = stage_state.table_versions(spark, config, duplicates.WATCHED)
+    jobs = last_job(spark)
+
+    again = duplicates.run(spark, config)
+
+    assert last_job(spark) == jobs
+    assert stage_state.table_versions(spark, config, duplicates.WATCHED) == versions
+    assert (first.hashed, first.new_pairs, again.hashed, again.new_pairs) == (2, 1, 0, 0)
+    assert (again.pairs, again.clusters, again.clustered_images) == ({"phash": 1}, 1, 2)
+    assert again.counts() == runs.RunCounts(read=0, written=0, quarantined=0, skipped=0)
+    assert [line for line in again.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))] == [
+        line for line in first.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))]
+
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, {"photo/jpeg60": copies["jpeg60"]}),
+                             ["image_id"])
+    more = duplicates.run(spark, config)
+
+    # The new copy pairs with the original at least; the resized copy may be further than K bits.
+    assert more.hashed == 1 and more.new_pairs >= 1 and more.pairs == {"phash": 1 + more.new_pairs}
+    assert (more.clusters, more.clustered_images) == (1, 3)
+
+
+def last_job(spark) -> int:
+    return max(spark.sparkContext.statusTracker().getJobIdsForGroup(None) or [-1])

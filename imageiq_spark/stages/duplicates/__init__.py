@@ -169,6 +169,8 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     ensure_tables(spark, config)
     versions = stage_state.table_versions(spark, config, WATCHED)
     found = stage_state.unchanged(config, "duplicates", config.fingerprint("duplicates"), versions)
+    if found and found["embedding_model"]:
+        found["embedding_model"] = tuple(found["embedding_model"])  # a JSON list
     summary = DuplicatesSummary(**found) if found else search(spark, config)
     summary.elapsed_s = time.monotonic() - started
     return summary
