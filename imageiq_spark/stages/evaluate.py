@@ -30,7 +30,7 @@ from imageiq_spark.core.clock import UTC, utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.core.tables import schema
-from imageiq_spark.lake import delta_log, lakehouse
+from imageiq_spark.lake import lakehouse, stage_state
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.ml import metrics
 from imageiq_spark.ml.splits import Leakage, leakage
@@ -203,13 +203,8 @@ def write_report(config: Config, summary: EvaluateSummary, report: metrics.Repor
     return f"{folder}/report.md"
 
 
-def table_version(spark: SparkSession, config: Config, table: str) -> int:
-    return delta_log.latest_version(spark, lakehouse.table_location(config, table))
-
-
-def near_duplicates_version(spark: SparkSession, config: Config) -> int | None:
-    exists = lakehouse.table_exists(spark, config, "near_duplicates")
-    return table_version(spark, config, "near_duplicates") if exists else None
+def table_version(spark: SparkSession, config: Config, table: str) -> int | None:
+    return stage_state.table_versions(spark, config, [table])[table]
 
 
 def split_leakage(spark: SparkSession, config: Config, preprocess_version: str, split: str) -> Leakage | None:
@@ -248,7 +243,7 @@ def reuse_recorded(spark: SparkSession, config: Config, summary: EvaluateSummary
                        for r in rows if r["class"] is None}
     summary.count, summary.skipped, summary.reused = int(summary.metrics["count"]), record.skipped, record
     # Leakage also depends on `near_duplicates`, which `imageiq duplicates` may have changed since.
-    if near_duplicates_version(spark, config) == record.near_duplicates_version:
+    if table_version(spark, config, "near_duplicates") == record.near_duplicates_version:
         summary.leakage = Leakage(summary.split, *record.leakage) if record.leakage else None
     else:
         summary.leakage = split_leakage(spark, config, record.preprocess_version, summary.split)
@@ -280,7 +275,7 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
     rows = read_prepared(spark, config, version=classifier.spec.version, splits=[split])
     ids, y_true, probs = predict_split(rows, classifier)
     summary.skipped = rows.count() - len(ids)
-    near_version = near_duplicates_version(spark, config)
+    near_version = table_version(spark, config, "near_duplicates")
     summary.leakage = split_leakage(spark, config, classifier.spec.version, split)
     if not ids:
         raise RuntimeError(
