@@ -5,9 +5,9 @@ so both the join's bucket sizes and the pair count are known. Real photo hashes 
 than random bits (fuller band buckets), so the join's candidates here are a lower bound. Brute
 force is numpy on one core (XOR of each hash with every later one, bits counted by
 `phash.popcount`, the same 16-bit table lookups the join's buckets use), the best bare comparison
-of all pairs; the join is `duplicates.hamming_pairs` on local[2].
+of all pairs; the join is `duplicates.tiers.hamming_pairs` on local[2].
 Embeddings: 128-dim float32 vectors with planted twins (small noise); exact blocked search
-(`duplicates.cosine_pairs`) against all-pairs numpy matrix products on one core and Spark's
+(`duplicates.tiers.cosine_pairs`) against all-pairs numpy matrix products on one core and Spark's
 BucketedRandomProjectionLSH (approxSimilarityJoin) on the same vectors.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.common import bench_config, table
 from imageiq_spark.lake.session import get_spark
-from imageiq_spark.stages import duplicates
+from imageiq_spark.stages.duplicates import tiers
 from imageiq_spark.vision import phash
 
 HASHES = 100_000
@@ -108,7 +108,7 @@ def run(workdir: Path, scale: float = 1.0) -> str:
             lambda: brute_force_hamming(hashes, max(KS), SAMPLED_ROWS // 64))  # noqa: B023
         brute_s *= (n * (n - 1) / 2) / compared
         for k in KS:
-            join_s, joined = seconds(lambda: duplicates.hamming_pairs(df, k).count())  # noqa: B023
+            join_s, joined = seconds(lambda: tiers.hamming_pairs(df, k).count())  # noqa: B023
             if fraction == FRACTIONS[0] and joined != brute_force_hamming(hashes, k)[0]:
                 raise AssertionError(f"banded join found {joined} pairs at k={k}, brute force another count")
             hash_rows.append([k, f"{n:,}", joined, join_s, brute_s, brute_s / join_s])
@@ -122,7 +122,7 @@ def run(workdir: Path, scale: float = 1.0) -> str:
         df = spark.createDataFrame([(f"{i:07d}", v.tolist()) for i, v in enumerate(vectors)],
                                    "image_id string, vector array<float>").cache()
         df.count()
-        exact_s, exact = seconds(lambda: duplicates.cosine_pairs(spark, df, MIN_SIMILARITY).count())  # noqa: B023
+        exact_s, exact = seconds(lambda: tiers.cosine_pairs(spark, df, MIN_SIMILARITY).count())  # noqa: B023
         with threadpoolctl.threadpool_limits(1):
             brute_s, brute = seconds(lambda: brute_force_cosine(vectors, MIN_SIMILARITY))  # noqa: B023
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -5,7 +5,7 @@ ships in the package.
   benchmarks import it as `tests.reference`, so Spark's Python workers started from the repository
   root import it too).
 - `brute_force_pairs`: every pair of hashes within k bits, comparing all pairs: what
-  `duplicates.hamming_pairs` must equal.
+  `duplicates.tiers.hamming_pairs` must equal.
 """
 
 from __future__ import annotations

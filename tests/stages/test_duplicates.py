@@ -13,9 +13,10 @@ from conftest import make_config
 from image_tables import image_rows, variants
 from reference import brute_force_pairs
 
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, runs
 from imageiq_spark.serving import similar
 from imageiq_spark.stages import duplicates, ingest
+from imageiq_spark.stages.duplicates import tiers
 from imageiq_spark.vision import phash
 
 K = 8  # the default duplicates.max_distance
@@ -76,7 +77,7 @@ def test_banded_join_equals_brute_force_hamming_on_2000_hashes(spark):
     ids = [f"{i:05d}" for i in range(len(hashes))]
     df = spark.createDataFrame([(i, int(h)) for i, h in zip(ids, hashes)], "image_id string, phash bigint")
     for k in (3, K):
-        joined = duplicates.hamming_pairs(df, k).collect()
+        joined = tiers.hamming_pairs(df, k).collect()
         expected = brute_force_pairs(ids, hashes, k)
         assert len(expected) > 150
         assert len(joined) == len({(r[0], r[1]) for r in joined})  # each pair once
@@ -92,7 +93,7 @@ def test_cosine_pairs_equal_every_pair_above_the_threshold(spark):
     ids = [f"{i:03d}" for i in range(len(vectors))]
     df = spark.createDataFrame([(i, v.tolist()) for i, v in zip(ids, vectors)],
                                "image_id string, vector array<float>")
-    found = {(r[0], r[1]): r[2] for r in duplicates.cosine_pairs(spark, df, 0.97).collect()}
+    found = {(r[0], r[1]): r[2] for r in tiers.cosine_pairs(spark, df, 0.97).collect()}
     unit = vectors.astype(np.float64) / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sims = unit @ unit.T
     pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))]
@@ -105,7 +106,7 @@ def test_cosine_pairs_equal_every_pair_above_the_threshold(spark):
 
 
 def test_components_label_each_image_with_the_smallest_id_of_its_cluster():
-    assert duplicates.components([("c", "d"), ("b", "c"), ("x", "y"), ("a", "y")]) == {
+    assert tiers.components([("c", "d"), ("b", "c"), ("x", "y"), ("a", "y")]) == {
         "a": "a", "x": "a", "y": "a", "b": "b", "c": "b", "d": "b"}
 
 
@@ -179,8 +180,6 @@ def test_similar_without_embeddings_ranks_by_phash_the_image_itself_first(spark,
 
 
 def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_counted(spark, tmp_path):
-    from imageiq_spark.lake import runs
-
     config = make_config(tmp_path)
     original = photo(3)
     contents = {"photo/original": images.jpeg(original, quality=95)}
@@ -203,3 +202,39 @@ def test_thumbnails_pair_with_their_photo_and_smaller_ones_are_reported_and_coun
     assert line.endswith("pairs (1 images under 32 px a side left out)")
     (row,) = lakehouse.read_table(spark, config, "job_runs").collect()
     assert row["rows_skipped"] == 1 and row["stage"] == "duplicates"
+
+
+def test_a_rerun_with_nothing_new_runs_no_job_nor_commit_and_reports_the_same_and_a_new_image_is_searched(
+        spark, tmp_path):
+    from imageiq_spark.lake import stage_state
+
+    config = make_config(tmp_path)
+    copies = variants(photo(4))
+    contents = {"photo/original": images.jpeg(photo(4), quality=95), "photo/resized": copies["resized"]}
+    ingest.ensure_tables(spark, config)
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, contents), ["image_id"])
+    first = duplicates.run(spark, config)
+    versions = stage_state.table_versions(spark, config, duplicates.WATCHED)
+    jobs = last_job(spark)
+
+    again = duplicates.run(spark, config)
+
+    assert last_job(spark) == jobs
+    assert stage_state.table_versions(spark, config, duplicates.WATCHED) == versions
+    assert (first.hashed, first.new_pairs, again.hashed, again.new_pairs) == (2, 1, 0, 0)
+    assert (again.pairs, again.clusters, again.clustered_images) == ({"phash": 1}, 1, 2)
+    assert again.counts() == runs.RunCounts(read=0, written=0, quarantined=0, skipped=0)
+    assert [line for line in again.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))] == [
+        line for line in first.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))]
+
+    lakehouse.merge_new_rows(config, "images", image_rows(spark, {"photo/jpeg60": copies["jpeg60"]}),
+                             ["image_id"])
+    more = duplicates.run(spark, config)
+
+    # The new copy pairs with the original at least; the resized copy may be further than K bits.
+    assert more.hashed == 1 and more.new_pairs >= 1 and more.pairs == {"phash": 1 + more.new_pairs}
+    assert (more.clusters, more.clustered_images) == (1, 3)
+
+
+def last_job(spark) -> int:
+    return max(spark.sparkContext.statusTracker().getJobIdsForGroup(None) or [-1])

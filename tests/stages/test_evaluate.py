@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 
 from imageiq_spark.cli.sample_data import write_sample_data
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, stage_state
+from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.ml import metrics
 from imageiq_spark.ml.classifier import load_classifier, log_classifier
 from imageiq_spark.stages import evaluate, ingest, preprocess, train
@@ -67,15 +68,30 @@ def test_evaluations_have_their_declared_column_types_and_nullability(spark, eva
     assert lakehouse.read_table(spark, config, "evaluations").schema == evaluate.EVALUATIONS_SCHEMA
 
 
-def test_evaluating_again_replaces_each_value_and_its_time(spark, evaluated):
-    config, _ = evaluated
-    # A copy of the lake's `prepared` and of the champion, so the shared lake and run stay as they are.
-    copy = config.with_overrides({"catalog.database": f"{config.catalog.database}_again",
-                                  "mlflow.registered_model": "digits_again"})
+def copied(spark, config, suffix: str):
+    """A copy of the lake's `prepared` and of the champion, so the shared lake and run stay as they are."""
+    copy = config.with_overrides({"catalog.database": f"{config.catalog.database}_{suffix}",
+                                  "mlflow.registered_model": f"digits_{suffix}"})
     preprocess.read_prepared(spark, config).write.format("delta").save(
         lakehouse.table_location(copy, "prepared"))
     with mlflow.start_run(), TemporaryDirectory() as staging:
-        log_classifier(load_classifier("models:/digits/1"), staging, registered_model_name="digits_again")
+        log_classifier(load_classifier("models:/digits/1"), staging, registered_model_name=f"digits_{suffix}")
+    return copy
+
+
+def remove_one_test_image(spark, copy) -> str:
+    """Delete one test image of the most frequent label from `prepared`; returns that label."""
+    test = preprocess.read_prepared(spark, copy, splits=["test"]).groupBy("label").count()
+    label = test.orderBy(F.desc("count"), "label").first()["label"]
+    gone = preprocess.read_prepared(spark, copy, splits=["test"]).where(F.col("label") == label).first()
+    spark.sql(f"DELETE FROM delta.`{lakehouse.table_location(copy, 'prepared')}` "
+              f"WHERE image_id = '{gone.image_id}'")
+    return label
+
+
+def test_evaluating_again_replaces_each_value_and_its_time(spark, evaluated):
+    config, _ = evaluated
+    copy = copied(spark, config, "again")
 
     def evaluations() -> dict:
         rows = lakehouse.read_table(spark, copy, "evaluations").collect()
@@ -84,11 +100,7 @@ def test_evaluating_again_replaces_each_value_and_its_time(spark, evaluated):
 
     evaluate.run(spark, copy, "models:/digits_again/1")
     before = evaluations()
-    test = preprocess.read_prepared(spark, copy, splits=["test"]).groupBy("label").count()
-    label = test.orderBy(F.desc("count"), "label").first()["label"]
-    gone = preprocess.read_prepared(spark, copy, splits=["test"]).where(F.col("label") == label).first()
-    spark.sql(f"DELETE FROM delta.`{lakehouse.table_location(copy, 'prepared')}` "
-              f"WHERE image_id = '{gone.image_id}'")
+    label = remove_one_test_image(spark, copy)
 
     again = evaluate.run(spark, copy, "models:/digits_again/1")
 
@@ -99,6 +111,33 @@ def test_evaluating_again_replaces_each_value_and_its_time(spark, evaluated):
     expected = {(metric, cls): value for metric, cls, value in again.report.rows()}
     for key, (value, _) in after.items():
         assert value == (None if math.isnan(expected[key]) else pytest.approx(expected[key]))
+
+
+def test_a_rerun_with_nothing_new_reuses_the_evaluation_and_changed_data_is_evaluated_again(spark, evaluated):
+    config, _ = evaluated
+    copy = copied(spark, config, "rerun")
+    model = "models:/digits_rerun/1"
+    run_id = MlflowClient().get_model_version("digits_rerun", "1").run_id
+    first = evaluate.run(spark, copy, model)
+    versions = stage_state.table_versions(spark, copy, ["evaluations", "prepared"])
+
+    again = evaluate.run(spark, copy, model)
+
+    assert stage_state.table_versions(spark, copy, ["evaluations", "prepared"]) == versions
+    assert len(MlflowClient().get_metric_history(run_id, "test_accuracy")) == 1
+    assert first.reused is None and again.reused is not None and again.report is None
+    assert again.counts() == RunCounts(read=0, model_name="digits_rerun", model_version="1")
+    assert again.metrics == pytest.approx(first.metrics, nan_ok=True)
+    assert again.report_uri == first.report_uri and again.leakage == first.leakage
+    reported = [line for line in again.lines() if not line.startswith(("evaluated", "elapsed"))]
+    assert reported == [line for line in first.lines() if not line.startswith("elapsed")]
+    assert any(line.startswith("evaluated") for line in again.lines())
+
+    remove_one_test_image(spark, copy)
+    changed = evaluate.run(spark, copy, model)
+
+    assert changed.reused is None and changed.count == first.count - 1
+    assert len(MlflowClient().get_metric_history(run_id, "test_accuracy")) == 2
 
 
 def test_metrics_and_pictures_are_logged_to_the_models_run(evaluated):
