@@ -1,9 +1,9 @@
 """What a Delta table's `_delta_log` says, read on the driver without a Spark job.
 
 A table's commits are the files `<version, 20 digits>.json` in its `_delta_log`. Listing the
-folder with the driver's file system takes milliseconds where `DESCRIBE HISTORY` or `DeltaTable.history` runs a Spark job of about a
-second. A Spark Connect client may not reach the lake, nor may pyarrow every file system: those
-ask the server with SQL.
+folder with the driver's file system takes milliseconds where `DESCRIBE HISTORY` or
+`DeltaTable.history` runs a Spark job of about a second. A Spark Connect client may not reach the
+lake, nor may pyarrow every file system: those ask the server with SQL.
 """
 
 from __future__ import annotations

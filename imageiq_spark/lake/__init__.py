@@ -1,0 +1,1 @@
+"""The embedded lakehouse: Spark session, storage, Delta tables, run records, leases, MLflow tracking."""
