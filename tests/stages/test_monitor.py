@@ -22,7 +22,7 @@ from imageiq_spark import cli
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.cli.status import status
 from imageiq_spark.core.config import to_dict
-from imageiq_spark.lake import lakehouse, runs
+from imageiq_spark.lake import delta_log, lakehouse, runs
 from imageiq_spark.ml import drift
 from imageiq_spark.stages import monitor
 from imageiq_spark.stages.monitor import report as monitor_report
@@ -389,6 +389,37 @@ def test_online_predictions_from_the_serving_log_are_a_second_source(spark, miss
     drift_rows = (lakehouse.read_table(spark, config, "monitor_drift")
                   .where("source = 'online' AND metric = 'label_psi'").collect())
     assert [r["window_rows"] for r in drift_rows] == [60]
+
+
+def test_a_rerun_with_nothing_new_writes_nothing_and_reports_the_same_alerts(spark, missing_class):
+    config, _ = missing_class
+    written = ("monitor_profiles", "monitor_drift", "alerts", "image_profiles")
+
+    def versions() -> dict[str, int]:
+        return {t: delta_log.latest_version(spark, lakehouse.table_location(config, t)) for t in written}
+
+    last = cli.run_stage(spark, config, "monitor")
+    before = versions()
+    again = cli.run_stage(spark, config, "monitor")
+    assert versions() == before
+    assert again.lines()[:-1] == last.lines()[:-1]  # all but the seconds it took
+    assert {a.metric for a in again.latest_alerts()} == {"label_psi"}
+    assert Path(again.textfile).read_text().count('metric="label_psi"') == 2  # value and alert
+
+    # New predictions in the batch window: profiled, its drift rows counting them.
+    predictions = lakehouse.read_table(spark, config, "predictions")
+    copies = (predictions.where(F.col("model_version") == again.model_version).limit(20)
+              .withColumn("image_id", F.sha2(F.concat(F.col("image_id"), F.lit("copy")), 256))
+              .withColumn("scored_at", F.current_timestamp()))
+    copies.write.format("delta").mode("append").save(lakehouse.table_location(config, "predictions"))
+    grown = cli.run_stage(spark, config, "monitor")
+    assert versions()["monitor_drift"] > before["monitor_drift"]
+    assert versions()["image_profiles"] == before["image_profiles"]  # no new image to profile
+    rows = (lakehouse.read_table(spark, config, "monitor_drift")
+            .where(f"source = 'batch' AND metric = 'label_psi' AND model_version = '{grown.model_version}'")
+            .collect())
+    assert [r["window_rows"] for r in rows] == [WITHOUT_THREES + 20]
+    assert grown.latest["label_psi"] != again.latest["label_psi"]
 
 
 # --- the result writes --------------------------------------------------------------------------

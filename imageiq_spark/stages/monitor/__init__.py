@@ -16,20 +16,26 @@ so a million predictions reach the driver as a few thousand counts, and `drift` 
 statistics from those. Brightness, contrast and sharpness need a decode: `image_profiles` keeps
 them, computed once per image.
 
+A rerun with nothing new (the same table versions from the Delta logs, champion, lookback and
+settings as the last run recorded: `state`) reads and writes no table: it reports the last run's
+summary again and rewrites the Prometheus textfile.
+
 Here: the run and its writes. Beside it: `profiles` (the images' properties), `windows` (the
 champion, its baseline and the windows' rows), `counts` (distributions and drift statistics),
-`alerts` (thresholds and breaches) and `report` (picture, Markdown, Prometheus textfile).
+`alerts` (thresholds and breaches), `state` (what the last run read and reported), `report`
+(picture, Markdown) and `prometheus` (the textfile).
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pyspark.sql import SparkSession
 
@@ -38,6 +44,7 @@ from imageiq_spark.core.clock import UTC, utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
+from imageiq_spark.stages.monitor import state
 from imageiq_spark.stages.monitor.alerts import Alert, alerts_for, thresholds
 from imageiq_spark.stages.monitor.counts import (
     BASELINE,
@@ -48,9 +55,11 @@ from imageiq_spark.stages.monitor.counts import (
     profile_metrics,
 )
 from imageiq_spark.stages.monitor.profiles import update_image_profiles
+from imageiq_spark.stages.monitor.prometheus import write_textfile
 from imageiq_spark.stages.monitor.windows import Champion, champion, population, quarantine_rates, window_end
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: The key columns of `monitor_profiles` and `monitor_drift`: one row per window, source, model, metric.
 _WINDOW_COLUMNS = (
@@ -71,6 +80,10 @@ ALERTS_SCHEMA = tables.schema(
     "raised_at TIMESTAMP NOT NULL"
 )
 ALERT_KEYS = ["metric", "window_start", "source", "model_name", "model_version"]
+#: A window's row of `monitor_profiles` or `monitor_drift` (a profile's adds its key), upserted.
+WINDOW_KEYS = ("t.window_start = s.window_start AND t.source = s.source AND t.model_name = s.model_name "
+               "AND t.model_version = s.model_version AND t.metric = s.metric")
+UPSERT = "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
 
 
 @dataclass
@@ -89,6 +102,25 @@ class MonitorSummary:
     def latest_alerts(self) -> list[Alert]:
         """Breaches in the newest batch window: what a scheduler pages on (older ones already did)."""
         return [a for a in self.alerts if a.source == BATCH and a.window_start == self.latest_window]
+
+    def reported(self) -> dict[str, Any]:
+        """What a rerun with nothing new reports again (`state`): JSON values."""
+        return {"windows": self.windows, "report_uri": self.report_uri,
+                "latest": {metric: float(value) for metric, value in self.latest.items()},
+                "latest_window": self.latest_window and self.latest_window.isoformat(),
+                "alerts": [[a.metric, a.source, a.window_start.isoformat(), float(a.value), a.threshold,
+                            a.severity] for a in self.alerts]}
+
+    @classmethod
+    def again(cls, model: Champion, reported: dict[str, Any]) -> MonitorSummary:
+        """The summary `reported` recorded, for a rerun that profiled no new image."""
+        latest = reported["latest_window"]
+        return cls(model.name, model.version, reported["windows"],
+                   latest_window=latest and datetime.datetime.fromisoformat(latest),
+                   latest=reported["latest"], report_uri=reported["report_uri"],
+                   alerts=[Alert(metric, source, datetime.datetime.fromisoformat(start), value, threshold,
+                                 severity) for metric, source, start, value, threshold, severity
+                           in reported["alerts"]])
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.windows, written=len(self.alerts), model_name=self.model_name,
@@ -123,14 +155,24 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
             raise RuntimeError(f"table '{table}' does not exist: monitoring needs ingest, preprocess, "
                                "train and score to have run")
     model = champion(config)
-    summary = MonitorSummary(model.name, model.version)
     now = utc_now()
     since = datetime.datetime.combine(now.date() - datetime.timedelta(days=config.monitor.lookback_days),
                                       datetime.time(), UTC)
+    read, last = state.inputs(spark, config, model, since), state.last_recorded(config)
+    if state.unchanged(read, last):
+        log.info("nothing new since the last monitor run: reporting its results again")
+        summary = MonitorSummary.again(model, last["summary"])
+        if summary.latest_window is not None:
+            summary.textfile = write_textfile(config, model, summary.latest, summary.latest_alerts())
+        summary.elapsed_s = time.monotonic() - started
+        return summary
+    summary = MonitorSummary(model.name, model.version)
     with ThreadPoolExecutor(1, thread_name_prefix="imageiq-monitor") as pool:
         # Small independent jobs overlap: most of each is driver-side (planning, Delta logs).
         quarantine = pool.submit(quarantine_rates, spark, config, since)
-        summary.profiled_images = update_image_profiles(spark, config)
+        if not state.profiled(read, last):
+            summary.profiled_images = update_image_profiles(spark, config)
+        read = read and state.with_profiles(config, read)
         by_window = collect_sides(population(spark, config, model, since))
         rates = quarantine.result()
     baseline = by_window.pop((BASELINE, None), Distributions())
@@ -158,7 +200,7 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         if source == BATCH:
             summary.latest_window, summary.latest = start, values
     summary.windows = len(windows)
-    writes = result_writes(spark, config, model, profiles, drifts, summary.alerts, unit)
+    writes = result_writes(spark, config, model, profiles, summary.alerts, unit)
     latest = summary.latest_window
     if latest is None:
         run_together(writes)
@@ -171,27 +213,23 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
                                   by_window.get((BATCH, latest), Distributions()), latest, summary.latest,
                                   raised)
         summary.report_uri, *_ = run_together([drawn, *writes])
-        summary.textfile = report.write_textfile(config, model, summary.latest, raised)
+        summary.textfile = write_textfile(config, model, summary.latest, raised)
+    # Last: its commit records this run's state, which only a run whose other writes are in may do.
+    write_drift(spark, config, drifts, read and {"inputs": read, "summary": summary.reported()})
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
 def result_writes(spark: SparkSession, config: Config, model: Champion, profiles: list[tuple],
-                  drifts: list[tuple], alerts: list[Alert], unit: str) -> list[Callable[[], object]]:
-    """The writes of this run's results, one per table (`run_together` runs them): profiles and
-    drift upserted (a window still open changes), alerts insert-only."""
-    window_keys = ("t.window_start = s.window_start AND t.source = s.source AND t.model_name = s.model_name "
-                   "AND t.model_version = s.model_version AND t.metric = s.metric")
-    upsert = "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+                  alerts: list[Alert], unit: str) -> list[Callable[[], object]]:
+    """The writes of this run's profiles and alerts, one per table (`run_together` runs them):
+    profiles upserted (a window still open changes), alerts insert-only."""
     writes: list[Callable[[], object]] = []
-    for table, schema, rows, condition in (
-        ("monitor_profiles", PROFILES_SCHEMA, profiles, window_keys + " AND t.key <=> s.key"),
-        ("monitor_drift", DRIFT_SCHEMA, drifts, window_keys),
-    ):
-        lakehouse.ensure_table(spark, config, table, schema)
-        if rows:
-            writes.append(functools.partial(lakehouse.merge, config, table,
-                                            spark.createDataFrame(rows, schema), condition, upsert))
+    lakehouse.ensure_table(spark, config, "monitor_profiles", PROFILES_SCHEMA)
+    if profiles:
+        writes.append(functools.partial(lakehouse.merge, config, "monitor_profiles",
+                                        spark.createDataFrame(profiles, PROFILES_SCHEMA),
+                                        WINDOW_KEYS + " AND t.key <=> s.key", UPSERT))
     lakehouse.ensure_table(spark, config, "alerts", ALERTS_SCHEMA)
     if alerts:
         raised_at = utc_now()
@@ -200,6 +238,16 @@ def result_writes(spark: SparkSession, config: Config, model: Champion, profiles
         writes.append(functools.partial(lakehouse.merge_new_rows, config, "alerts",
                                         spark.createDataFrame(rows, ALERTS_SCHEMA), ALERT_KEYS))
     return writes
+
+
+def write_drift(spark: SparkSession, config: Config, drifts: list[tuple], recorded: dict[str, Any] | None
+                ) -> None:
+    """Upsert the drift rows, their commit carrying `recorded` (`state`) where there is one."""
+    lakehouse.ensure_table(spark, config, "monitor_drift", DRIFT_SCHEMA)
+    if drifts:
+        session = state.recording(spark, recorded)
+        lakehouse.merge(config, "monitor_drift", session.createDataFrame(drifts, DRIFT_SCHEMA), WINDOW_KEYS,
+                        UPSERT)
 
 
 def run_together(actions: list[Callable[[], T]]) -> list[T]:

@@ -1,5 +1,5 @@
 """`imageiq monitor`'s report of the newest window against the champion's baseline: a picture and
-a Markdown table under storage.root (also logged to an MLflow run), and node-exporter's textfile.
+a Markdown table under storage.root (also logged to an MLflow run).
 
 The picture always shows the predicted label mix and the confidence, and beside them the distribution of
 every other variable a drift metric alerted on in the window (a brightness alert brings the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -144,7 +143,7 @@ def _cdfs(ax: Axes, variable: str, baseline: Distributions, window: Distribution
     ax.set_ylabel("share of images at or below")
 
 
-# --- the report and the Prometheus textfile ------------------------------------------------------
+# --- the report ------------------------------------------------------------------------------
 
 
 def markdown_report(model: Champion, window: datetime.datetime, values: dict[str, float],
@@ -191,38 +190,3 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
         (Path(tmp) / "report.md").write_text(text)
         mlflow.log_artifacts(tmp, artifact_path="monitor")
     return f"{folder}/report.md"
-
-
-def textfile_path(config: Config) -> str | None:
-    if config.monitor.textfile:
-        return config.monitor.textfile
-    root = config.storage.root
-    if "://" in root or root.startswith("dbfs:"):
-        return None
-    return str(Path(root) / "monitor" / f"{config.catalog.database}.prom")
-
-
-def write_textfile(config: Config, model: Champion, latest: dict[str, float], alerts: Sequence[Alert]) -> str:
-    """The latest window's values (`latest`, its `alerts`) in node-exporter's textfile-collector
-    format (written atomically)."""
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-
-    path = textfile_path(config)
-    if path is None:
-        return ""
-    registry = CollectorRegistry()
-    labels = ["metric", "model_name", "model_version"]
-    values = Gauge("imageiq_drift", "Drift of the latest monitored window against the champion's baseline",
-                   labels, registry=registry)
-    breached = Gauge("imageiq_drift_alert", "1 when the metric breaches its threshold in the latest window",
-                     labels, registry=registry)
-    raised = {a.metric for a in alerts}
-    for metric, value in latest.items():
-        values.labels(metric, model.name, model.version).set(value)
-        breached.labels(metric, model.name, model.version).set(1 if metric in raised else 0)
-    Gauge("imageiq_monitor_last_run_timestamp_seconds", "When monitoring last ran",
-          registry=registry).set(time.time())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(path, registry)
-    return path
-
