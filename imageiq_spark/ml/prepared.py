@@ -38,7 +38,7 @@ from imageiq_spark.core.tables import (
     VERSIONS_SCHEMA,
     VERSIONS_TABLE,
 )
-from imageiq_spark.lake import delta_log, lakehouse
+from imageiq_spark.lake import delta_log, lakehouse, storage
 from imageiq_spark.vision.preprocess_udf import (
     FAILURE_FIELDS,
     OUTCOME_SCHEMA,
@@ -262,21 +262,44 @@ def store_run_stats(spark: SparkSession, config: Config, spec: TransformSpec,
     lakehouse.merge_new_rows(config, STATS_TABLE, rows, ["preprocess_version", "prepared_at"])
 
 
+def committed_runs(spark: SparkSession, config: Config, version: str) -> set[datetime.datetime]:
+    """`prepared_at` of each run at `version` whose MERGE into `prepared` committed: each names its
+    version and `prepared_at` in userMetadata. The commit files are read on the driver where it
+    reaches the lake (no Spark job), else DESCRIBE HISTORY reads them."""
+    prefix = f"{TAG_PREFIX}{version}:"
+    location = lakehouse.table_location(config, "prepared")
+    tags = _log_tags(location) if delta_log.readable(spark) else None
+    if tags is None:
+        tagged = delta_log.history(spark, location).filter(F.col("userMetadata").startswith(prefix))
+        tags = [row["userMetadata"] for row in tagged.select("userMetadata").collect()]
+    # A tag without an offset was written in local time, before the one clock.
+    return {as_utc(datetime.datetime.fromisoformat(tag[len(prefix):].split("#")[0]))
+            for tag in tags if tag and tag.startswith(prefix)}
+
+
+def _log_tags(location: str) -> list[str] | None:
+    """userMetadata of every commit file left in `location`/_delta_log (what DESCRIBE HISTORY
+    shows), or None when the driver cannot read them."""
+    try:
+        tags = []
+        for version in sorted(set(delta_log.log_versions(location))):
+            data = storage.read_bytes(f"{location}/_delta_log/{version:020d}.json")
+            for line in (data or b"").splitlines():
+                if line.startswith(b'{"commitInfo"'):
+                    tags.append(json.loads(line)["commitInfo"].get("userMetadata"))
+        return tags
+    except (OSError, ValueError):  # pyarrow's errors: no such file system, no access
+        return None
+
+
 def catch_up_run_stats(spark: SparkSession, config: Config, spec: TransformSpec) -> int:
     """Sum the train split of runs at the spec's version that have no `prepared_stats` row.
 
     A run stores its own sums from its report; only one that crashed between its commit and
-    that store is missing. The runs are found in the table's commit history (each append names
-    its version and `prepared_at` in userMetadata), and only their files are read (data
-    skipping on `prepared_at`). Returns the runs caught up.
+    that store is missing. The runs are found in the table's commit log (`committed_runs`), and
+    only their files are read (data skipping on `prepared_at`). Returns the runs caught up.
     """
-    prefix = f"{TAG_PREFIX}{spec.version}:"
-    history = delta_log.history(spark, lakehouse.table_location(config, "prepared"))
-    committed = {
-        # A tag without an offset was written in local time, before the one clock.
-        as_utc(datetime.datetime.fromisoformat(row["userMetadata"][len(prefix):].split("#")[0]))
-        for row in history.filter(F.col("userMetadata").startswith(prefix)).select("userMetadata").collect()
-    }
+    committed = committed_runs(spark, config, spec.version)
     stored = {as_utc(run["prepared_at"]) for run in _run_stats(spark, config, spec.version)}
     missing = sorted(committed - stored)
     if not missing:

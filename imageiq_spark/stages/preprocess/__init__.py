@@ -202,6 +202,9 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
             if not pending.count:
                 break
             log.info("preprocess: %d images to prepare at version %s", pending.count, spec.version)
+            if attempt == 1 and version_row(spark, config, spec.version) is None:
+                # Before the tensors: rows of a version always have its spec (a no-op run skips this).
+                store_version(spark, config, spec)
             try:
                 written, attempt_report = prepare_pending(spark, config, spec, pending.rows, pending.ids,
                                                           prepared_at, tag)
@@ -224,8 +227,6 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
     else:
         raise RuntimeError(f"preprocess: {ATTEMPTS} attempts lost to concurrent runs of version "
                            f"{spec.version}; run it again")
-    if version_row(spark, config, spec.version) is None:
-        store_version(spark, config, spec)
     if summary.prepared:
         if own_sums:
             store_run_stats(spark, config, spec, {prepared_at: report})
