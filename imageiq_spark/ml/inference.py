@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from imageiq_spark.core import faults
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.quiet import import_quietly
 from imageiq_spark.core.tables import TOP_K_DDL, schema
 from imageiq_spark.core.tensors import binary_views, tensors_from_binary
 from imageiq_spark.lake.session import spread
@@ -98,7 +99,6 @@ def _place_worker(threads: int) -> None:
     if gpus is not None and gpus.addresses:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from imageiq_spark.core.quiet import import_quietly
 
     tf = import_quietly("tensorflow")
     tf.config.threading.set_intra_op_parallelism_threads(threads)

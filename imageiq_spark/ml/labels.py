@@ -18,11 +18,13 @@ import logging
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from imageiq_spark.core import tables
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import schema
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.session import session_conf
+from imageiq_spark.ml import prepared
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,6 @@ def _append_history(spark: SparkSession, config: Config, changed: DataFrame, sou
 
 def _update_prepared(spark: SparkSession, config: Config, changed: DataFrame) -> None:
     """New label and label index on every `prepared` row of the changed images."""
-    from imageiq_spark.core import tables
-    from imageiq_spark.ml import prepared
-
     if not lakehouse.table_exists(spark, config, "prepared"):
         return
     labels = {r["label"] for r in changed.select("label").distinct().collect() if r["label"] is not None}

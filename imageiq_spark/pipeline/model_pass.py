@@ -18,6 +18,7 @@ from imageiq_spark.core import faults
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.summary import Stopwatch, aligned
+from imageiq_spark.core.tables import QUARANTINE_KEYS, QUARANTINE_SCHEMA
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 
@@ -35,8 +36,6 @@ def quarantine_failed(config: Config, staged: DataFrame, crashed: list[str], ima
     """Staged rows of a model pass whose image could not be decoded, and the `crashed` images
     that killed a Python worker -> `quarantine`, under this stage and model version; returns how
     many there were."""
-    from imageiq_spark.core.tables import QUARANTINE_KEYS, QUARANTINE_SCHEMA
-
     failed = staged.where(F.col("error").isNotNull()).select("image_id", "error", "error_detail")
     if crashed:
         failed = failed.unionByName(staged.sparkSession.createDataFrame(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.quiet import import_quietly
 from imageiq_spark.serving.limits import BadInput, cores
 from imageiq_spark.vision import probe, transform
 from imageiq_spark.vision.spec import TransformSpec
@@ -39,8 +40,6 @@ class ServedModel:
 def share_cores(workers: int) -> None:
     """Before TensorFlow starts: each of `workers` concurrent forward passes gets an even share of
     the cores (intra-op threads) and runs its ops one after another (one inter-op thread each)."""
-    from imageiq_spark.core.quiet import import_quietly
-
     tf = import_quietly("tensorflow")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(max(1, cores() // workers))

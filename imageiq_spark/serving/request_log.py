@@ -12,6 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from imageiq_spark.lake import storage
+
 log = logging.getLogger(__name__)
 
 REQUEST_LOG_ROWS = 1000
@@ -35,8 +37,6 @@ class RequestLog:
     """Online predictions buffered, then written as Parquet files (one per flush) under `uri`."""
 
     def __init__(self, uri: str) -> None:
-        from imageiq_spark.lake import storage
-
         self.filesystem, self.path = storage.filesystem(uri)
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()

@@ -22,7 +22,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, storage
+from imageiq_spark.lake.storage import write_bytes
 from imageiq_spark.stages import duplicates
 from imageiq_spark.vision import phash
 
@@ -62,7 +63,6 @@ def read_query(query: str) -> bytes:
     """The bytes of a local path or a URI (file:, s3a://, s3://)."""
     if Path(query).is_file():
         return Path(query).read_bytes()
-    from imageiq_spark.lake import storage
 
     try:
         contents = storage.read_bytes(query)
@@ -186,8 +186,6 @@ def contact_sheet(result: SimilarResult, contents: dict[str, bytes], query_bytes
 def write_contact_sheet(spark: SparkSession, config: Config, result: SimilarResult,
                         query_bytes: bytes | None = None) -> str:
     """Write the result's contact sheet under <storage.root>/reports/similar/; returns its URI."""
-    from imageiq_spark.lake.storage import write_bytes
-
     images = lakehouse.read_table(spark, config, "images")
     wanted = [n.image_id for n in result.neighbours]
     contents = {r["image_id"]: bytes(r["content"]) for r in

@@ -32,7 +32,9 @@ from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.core.tables import schema
 from imageiq_spark.lake import lakehouse, stage_state
 from imageiq_spark.lake.runs import RunCounts
+from imageiq_spark.lake.storage import write_bytes
 from imageiq_spark.ml import metrics
+from imageiq_spark.ml.prepared import read_prepared
 from imageiq_spark.ml.splits import Leakage, leakage
 
 log = logging.getLogger(__name__)
@@ -194,8 +196,6 @@ def report_folder(config: Config, summary: EvaluateSummary) -> str:
 
 def write_report(config: Config, summary: EvaluateSummary, report: metrics.Report) -> str:
     """The Markdown report and its pictures under <storage.root>/reports/evaluations/..."""
-    from imageiq_spark.lake.storage import write_bytes
-
     folder = report_folder(config, summary)
     for name, png in summary.pictures.items():
         write_bytes(f"{folder}/{name}", png)
@@ -208,8 +208,6 @@ def table_version(spark: SparkSession, config: Config, table: str) -> int | None
 
 
 def split_leakage(spark: SparkSession, config: Config, preprocess_version: str, split: str) -> Leakage | None:
-    from imageiq_spark.ml.prepared import read_prepared
-
     every_split = read_prepared(spark, config, version=preprocess_version)
     return leakage(spark, config, every_split.select("image_id", "split"), split)
 
@@ -257,7 +255,6 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
 
     from imageiq_spark.lake import tracking
     from imageiq_spark.ml.classifier import load_classifier
-    from imageiq_spark.ml.prepared import read_prepared
 
     started = time.monotonic()
     uri = model_uri or tracking.default_model_uri(config)

@@ -40,7 +40,7 @@ from imageiq_spark.lake import delta_log, lakehouse, storage
 from imageiq_spark.lake.lease import Lease, hold
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.lake.session import is_connect
-from imageiq_spark.ml import champion, models, readers
+from imageiq_spark.ml import champion, models, prepared, readers
 from imageiq_spark.ml.training import (
     BEST_WEIGHTS,
     TrainState,
@@ -204,8 +204,6 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
         ) -> TrainSummary | TrainSkipped:
     """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training);
     `force` trains even when nothing changed since the last registered version."""
-    from imageiq_spark.ml import prepared
-
     started = time.monotonic()
     train_config = config.train
     models.check_weights(train_config.model, train_config.weights)
@@ -232,8 +230,6 @@ def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any],
                   reader: readers.Reader, version: int, spec: Any, fingerprint: str, folder: str,
                   held: Lease) -> TrainSummary:
     """`run`'s training, registration and gate, holding the lease on the checkpoint `folder`."""
-    from imageiq_spark.ml import prepared
-
     train_config = config.train
     labels = prepared.read_label_vocabulary(spark, config)
     mean, std = prepared.read_channel_stats(spark, config, spec.version)

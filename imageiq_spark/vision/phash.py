@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from imageiq_spark.core.tensors import binary_views
 from imageiq_spark.vision.decode import ImageDecodeError, decode
 from imageiq_spark.vision.spec import TransformSpec
 
@@ -123,8 +124,6 @@ def hash_batch(contents: Sequence[bytes | memoryview | np.ndarray]) -> list[Imag
 
 def hash_record_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """The `mapInArrow` function: (image_id, content) batches -> ARROW_SCHEMA batches."""
-    from imageiq_spark.core.tensors import binary_views
-
     cv2.setNumThreads(1)  # one Spark task per core already
     for batch in batches:
         results = hash_batch(binary_views(batch.column(1)))

@@ -42,6 +42,7 @@ from pyspark.sql import SparkSession
 from imageiq_spark.core import tables
 from imageiq_spark.core.clock import UTC, utc_now
 from imageiq_spark.core.config import Config
+from imageiq_spark.core.summary import Row, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.stages.monitor import state
@@ -127,8 +128,6 @@ class MonitorSummary:
                          model_version=self.model_version)
 
     def lines(self) -> list[str]:
-        from imageiq_spark.core.summary import Row, aligned
-
         rows: list[Row] = [("model", f"{self.model_name} version {self.model_version}"),
                            ("windows", self.windows),
                            ("profiled", f"{self.profiled_images} new images")]

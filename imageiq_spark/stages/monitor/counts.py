@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core import tables
 from imageiq_spark.core.clock import utc_from_timestamp
+from imageiq_spark.lake.session import to_arrow
 from imageiq_spark.ml import drift
 
 #: Continuous variables and the grid they are counted on (`drift` module docstring).
@@ -143,7 +144,6 @@ def collect_sides(parts: list[DataFrame]) -> dict[tuple[str, datetime.datetime |
     as Spark's own `collect` gives them."""
     from functools import reduce
 
-    from imageiq_spark.lake.session import to_arrow
 
     counts = reduce(DataFrame.unionByName, [distribution_counts(part) for part in parts])
     keys = ["side", "variable", "category", "bin"]

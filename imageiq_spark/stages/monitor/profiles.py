@@ -17,6 +17,7 @@ from imageiq_spark.core import tables
 from imageiq_spark.core.config import Config
 from imageiq_spark.core.tensors import binary_views
 from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.session import spread
 
 #: One row per image: what `monitor` aggregates per window of `ingested_at`, so that the image
 #: properties of a window need no join (the image columns were added later: last, nullable).
@@ -90,8 +91,6 @@ def profile_images(images: DataFrame) -> DataFrame:
 def update_image_profiles(spark: SparkSession, config: Config) -> int:
     """Profile the images that have none yet; returns how many were added. Rows profiled before
     `image_profiles` held the image columns get them from `images`, once."""
-    from imageiq_spark.lake.session import spread
-
     lakehouse.ensure_table(spark, config, "image_profiles", IMAGE_PROFILES_SCHEMA)
     images = lakehouse.read_table(spark, config, "images")
     profiles = lakehouse.read_table(spark, config, "image_profiles")

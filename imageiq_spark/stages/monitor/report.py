@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from imageiq_spark.core.config import Config
 from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake.storage import write_bytes
 from imageiq_spark.ml import drift
 from imageiq_spark.ml.metrics import figure_png, plt
 from imageiq_spark.stages.monitor.alerts import Alert, thresholds
@@ -169,7 +170,6 @@ def write_report(config: Config, model: Champion, baseline: Distributions, windo
     also logged to an MLflow run."""
     import mlflow
 
-    from imageiq_spark.lake.storage import write_bytes
     from imageiq_spark.lake.tracking import configure_mlflow, redact_run_tags
 
     picture = "drift.png"

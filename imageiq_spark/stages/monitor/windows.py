@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core.clock import as_utc, utc_from_timestamp
 from imageiq_spark.core.config import Config
-from imageiq_spark.lake import lakehouse
+from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.stages.monitor.counts import BASELINE, BATCH, ONLINE
 
 #: The columns of `image_profiles` that are profiled per window.
@@ -113,7 +113,6 @@ def online_predictions(spark: SparkSession, config: Config, model: Champion) -> 
     """The champion's predictions in the serving request log, or None when nothing was logged."""
     from pyspark.errors import AnalysisException
 
-    from imageiq_spark.lake import storage
 
     folder = lakehouse.lake_path(config, "request_log")
     if not storage.folder_exists(folder):  # the server never logged, or request_log is off

@@ -50,6 +50,7 @@ from imageiq_spark.core.config import Config
 from imageiq_spark.core.tables import LABELS_TABLE
 from imageiq_spark.lake import conflicts, lakehouse
 from imageiq_spark.lake.session import session_conf
+from imageiq_spark.ml import splits
 from imageiq_spark.ml.prepared import (
     TAG_PREFIX,
     catch_up_run_stats,
@@ -116,8 +117,6 @@ def merge_prepared(
     to a concurrent writer raises, and `run` starts over on the images still missing rather than
     transforming all of them again. (Delta skips materialising the source of an insert-only
     MERGE, so the UDF runs once.)"""
-    from imageiq_spark.ml import splits
-
     labels = {r["label"] for r in todo.select("label").distinct().collect() if r["label"] is not None}
     update_vocabulary(spark, config, labels)
     stored_splits = splits.assign(spark, config, ids)
