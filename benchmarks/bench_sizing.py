@@ -186,9 +186,26 @@ def fit(n: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]
     return seconds[0] - b * n[0], b
 
 
-def rate(b: float) -> float | str:
-    """Marginal images/s, or "-" where the larger size did not take longer (noise at tiny sizes)."""
-    return 1 / b if b > 0 else "-"
+def per_image(b: float, scale: float, inverse: bool = False) -> float | str:
+    """scale x b (or scale / b), or "-" where the larger size did not take longer: noise swamps the
+    per-image work at tiny sizes."""
+    if b <= 0:
+        return "-"
+    return scale / b if inverse else scale * b
+
+
+def worked_example(fits: dict[str, tuple[float, float]], cores_then: int = 16) -> str:
+    nightly = ("ingest", "preprocess", "score", "monitor")
+    unfitted = [f"`{s}`" for s in nightly if fits[s][1] <= 0]
+    if unfitted:
+        return (f"No worked example: the fit gave {', '.join(unfitted)} no marginal cost at these sizes "
+                "(the larger size did not take longer).")
+    core_hours = sum(1e6 * fits[s][1] * CORES / 3600 for s in nightly)
+    fixed = sum(fits[s][0] for s in nightly)
+    return (f"Worked example: a nightly batch of 1M new images through `ingest`, `preprocess`, `score` "
+            f"and `monitor` costs {core_hours:.3g} core-hours (1e6 x b x {CORES} cores, summed), so about "
+            f"{core_hours / cores_then + fixed / 3600:.3g} hours of wall time on {cores_then} executor "
+            f"cores, with the four fixed costs ({fixed:.0f} s) paid once each.")
 
 
 def run(workdir: Path) -> str:
@@ -229,12 +246,13 @@ def section(n: tuple[int, int], runs: int, startup: float, seconds: dict[str, li
         t = (median(small), median(large))
         a, b = fits[stage] = fit(n, t)
         base = baseline_b.get(stage)
-        compared = [rate(base), base / b if base > 0 and b > 0 else "-"] if base is not None else ["", ""]
-        rows.append([f"`imageiq {stage}`", len(small), *t, a - startup, rate(b), 1000 * b * CORES, *compared])
-        doc_rows.append([f"`{stage}`", a, 1 / (b * CORES) if b > 0 else "-", 1e6 * b * CORES / 3600])
-    nightly = ("ingest", "preprocess", "score", "monitor")
-    core_hours = sum(1e6 * fits[s][1] * CORES / 3600 for s in nightly)
-    fixed = sum(fits[s][0] for s in nightly)
+        compared = ([per_image(base, 1, inverse=True), per_image(b, base, inverse=True) if base > 0 else "-"]
+                    if base is not None else ["", ""])
+        rows.append([f"`imageiq {stage}`", len(small), *t, a - startup, per_image(b, 1, inverse=True),
+                     per_image(b, 1000 * CORES), *compared])
+        doc_rows.append([f"`{stage}`", a, per_image(b, 1 / CORES, inverse=True),
+                         per_image(b, 1e6 * CORES / 3600)])
+    times = "once" if runs == 1 else f"{runs} times"
     header = ["stage", "runs per size", f"s at {n[0]:,}", f"s at {n[1]:,}", "fixed cost a less start-up, s",
               "marginal images/s (1/b)", "core-s per 1,000 images", "baseline marginal images/s",
               "ratio to baseline"]
@@ -242,7 +260,7 @@ def section(n: tuple[int, int], runs: int, startup: float, seconds: dict[str, li
 
 Each stage is one `imageiq` process on `local[{CORES}]` (the CLI as users run it) on a fresh lake of
 n distinct 500x375 JPEGs (each its own generated scene, in {LABELS} label folders), at n = {n[0]:,}
-and {n[1]:,}; `ingest`, `preprocess` and `score` run {runs} times per size, each on a fresh lake,
+and {n[1]:,}; `ingest`, `preprocess` and `score` run {times} per size, each time on a fresh lake,
 the others once per size, all in pipeline order. Every lake prepares at 224x224
 (`preprocess.size`), so `train` (1 epoch), `evaluate` (the test split), `score` and `embed` run the
 default CNN at 224x224; `score` and `embed` use a champion trained once beforehand on
@@ -250,7 +268,7 @@ default CNN at 224x224; `score` and `embed` use a champion trained once beforeha
 through the medians at the two sizes: b = (t2 - t1) / (n2 - n1), a = t1 - b x n1. A command's
 start-up (JVM, Spark, imports; median of {max(3, runs)} `imageiq sql "SELECT 1"`) took
 {startup:.1f} s and is shown apart from the fixed cost. Core-seconds per 1,000 images =
-1000 x b x {CORES} cores. Baselines, fitted the same way at the same sizes ({runs} runs each):
+1000 x b x {CORES} cores. Baselines, fitted the same way at the same sizes (run {times} each):
 preprocess against a plain `Pool(2)` loop that decodes, resizes to 224x224 (`INTER_AREA`) and
 writes the uint8 tensors with their ids to Parquet with pyarrow; ingest against a plain Spark
 `binaryFile` -> Delta append of the same files (with a `sha2` id, no probe, no dedupe), in a warm
@@ -266,10 +284,7 @@ images/s per core = 1 / (b x {CORES})):
 
 {table(["stage", "fixed cost per run, s", "images/s per core", "core-hours per 1M images"], doc_rows)}
 
-Worked example: a nightly batch of 1M new images through `ingest`, `preprocess`, `score` and
-`monitor` costs {core_hours:.1f} core-hours (the sum of 1e6 x b x cores), so about
-{core_hours / 16 + fixed / 3600:.1f} hours of wall time on 16 executor cores, with the four fixed
-costs ({fixed:.0f} s) paid once each.
+{worked_example(fits)}
 
 What this leaves out: object storage (S3 listing, reads and commits are slower and cost per
 request; here the images and the lake are on local disk), the network (one machine, no shuffle or
