@@ -67,7 +67,7 @@ def clustered(spark, tmp_path_factory):
     add_images(spark, config, contents)
     duplicates.run(spark, config)
     preprocess.run(spark, config)
-    clusters = {r["image_id"]: r["cluster_id"] for r in duplicates.read_clusters(spark, config).collect()}
+    clusters = {r["image_id"]: r["cluster_id"] for r in splits.read_clusters(spark, config).collect()}
     prepared = preprocess.read_prepared(spark, config).select("image_id", "split")
     leak = splits.leakage(spark, config, prepared)
     return config, contents, clusters, {r["image_id"]: r["split"] for r in prepared.collect()}, leak
