@@ -414,9 +414,9 @@ def test_bad_image_in_v2_infer_gets_its_reason(url, lake):
 # --- metrics and the request log --------------------------------------------------------------
 
 
-def test_metrics_count_what_was_sent(url, lake, images):
-    name = lake[1].mlflow.registered_model
-    before = {
+def predict_counters(url: str) -> dict[str, float]:
+    """The server's counters of /predict requests, images and batched forward passes."""
+    return {
         "ok": metric(url, "imageiq_serve_requests_total", route="/predict", status="200"),
         "bad": metric(url, "imageiq_serve_requests_total", route="/predict", status="422"),
         "images": metric(url, "imageiq_serve_images_total", outcome="ok"),
@@ -424,20 +424,18 @@ def test_metrics_count_what_was_sent(url, lake, images):
         "latency": metric(url, "imageiq_serve_request_duration_seconds_count", route="/predict"),
         "batched": metric(url, "imageiq_serve_batch_size_sum"),
     }
+
+
+def test_metrics_count_what_was_sent(url, lake, images):
+    name = lake[1].mlflow.registered_model
+    before = predict_counters(url)
     for _, fmt, data in images[:5]:
         assert post_image(url, data, f"image/{fmt}").status_code == 200
     files = [("files", (f"{i}.png", d, "image/png")) for i, (_, _, d) in enumerate(images[:3])]
     assert requests.post(f"{url}/predict", files=files, timeout=60).status_code == 200
     for _ in range(2):
         assert post_image(url, b"hello").status_code == 422
-    after = {
-        "ok": metric(url, "imageiq_serve_requests_total", route="/predict", status="200"),
-        "bad": metric(url, "imageiq_serve_requests_total", route="/predict", status="422"),
-        "images": metric(url, "imageiq_serve_images_total", outcome="ok"),
-        "not_image": metric(url, "imageiq_serve_images_total", outcome="not_image"),
-        "latency": metric(url, "imageiq_serve_request_duration_seconds_count", route="/predict"),
-        "batched": metric(url, "imageiq_serve_batch_size_sum"),
-    }
+    after = predict_counters(url)
     assert {key: after[key] - before[key] for key in before} == {
         "ok": 6, "bad": 2, "images": 8, "not_image": 2, "latency": 8, "batched": 8}
     assert metric(url, "imageiq_serve_model_info", model_name=name, model_version="1") == 1
