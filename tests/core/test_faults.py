@@ -142,17 +142,23 @@ def test_python_worker_dying_on_one_image_in_preprocess_quarantines_only_that_im
     assert (summary.prepared, dict(summary.quarantined)) == (len(ids) - 1, {"worker_crash": 1})
 
 
+def killed_and_rerun(spark, config: Config, conf: Path, stage: str, table: str, cwd: Path):
+    """Kill `stage`'s driver once its Python workers run, count `table`'s rows then, rerun it:
+    (the killed process, the rows after the kill, the rerun's completed process)."""
+    proc = start_cli(conf, stage, cwd=cwd)
+    kill_when(proc, lambda: python_workers_running(proc))
+    rows_after_kill = (lakehouse.read_table(spark, config, table).count()
+                       if lakehouse.table_exists(spark, config, table) else 0)
+    return proc, rows_after_kill, run_cli(conf, stage, cwd=cwd)
+
+
 @pytest.mark.slow  # `make test-all`; too long for `make test` on 2 cores
 def test_preprocess_killed_mid_run_and_rerun_equals_a_clean_run(spark, tmp_path, source):
     config = make_config(tmp_path, ingest={"source": str(source)})
     ingest.run(spark, config)
     conf = write_conf(config, tmp_path / "conf.yaml")
 
-    proc = start_cli(conf, "preprocess", cwd=tmp_path)
-    kill_when(proc, lambda: python_workers_running(proc))
-    rows_after_kill = (lakehouse.read_table(spark, config, "prepared").count()
-                       if lakehouse.table_exists(spark, config, "prepared") else 0)
-    rerun = run_cli(conf, "preprocess", cwd=tmp_path)
+    proc, rows_after_kill, rerun = killed_and_rerun(spark, config, conf, "preprocess", "prepared", tmp_path)
 
     assert proc.returncode == -signal.SIGKILL
     assert rows_after_kill == 0, "the kill must land before the tensors are committed"
@@ -178,11 +184,7 @@ def test_score_killed_mid_run_and_rerun_scores_every_image_exactly_once(spark, t
     trained = train.run(spark, config)
     conf = write_conf(config, tmp_path / "conf.yaml")
 
-    proc = start_cli(conf, "score", cwd=tmp_path)
-    kill_when(proc, lambda: python_workers_running(proc))
-    rows_after_kill = (lakehouse.read_table(spark, config, "predictions").count()
-                       if lakehouse.table_exists(spark, config, "predictions") else 0)
-    rerun = run_cli(conf, "score", cwd=tmp_path)
+    proc, rows_after_kill, rerun = killed_and_rerun(spark, config, conf, "score", "predictions", tmp_path)
 
     assert proc.returncode == -signal.SIGKILL
     assert rows_after_kill == 0, "the kill must land before the predictions are merged"
