@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ("ingest", "preprocess", "train", "score", "serve", "duplicates", "monitor", "memory", "cluster",
-         "sizing", "fixed_cost")
+         "sizing", "commands", "fixed_cost")
 HEADER = """# Benchmarks
 
 Produced by `make bench` (`python -m benchmarks.run [NAME...]`), each stage side by side with its
