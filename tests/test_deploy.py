@@ -183,3 +183,28 @@ def test_gpu_discovery_script_lists_every_gpu():
     gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
     count = len([line for line in gpus.stdout.splitlines() if line.startswith("GPU ")])
     assert json.loads(result.stdout) == {"name": "gpu", "addresses": [str(i) for i in range(count)]}
+
+
+def _container_ignores(path: str) -> bool:
+    """Whether .containerignore keeps `path` out of the build context (dockerignore patterns: `*`
+    within one path segment; a matched folder takes everything under it)."""
+    patterns = [line.strip() for line in (REPO / ".containerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(re.fullmatch(re.escape(p).replace(r"\*\*/", "(?:.*/)?").replace(r"\*", "[^/]*"), prefix)
+               for p in patterns for prefix in prefixes)
+
+
+@pytest.mark.parametrize("path", [
+    ".venv/bin/python", ".venv-compat-3.5/bin/python", ".venv-compat-4.0/lib",
+    "jars/compat-3.5/delta/delta.jar",
+    "benchmarks/out/sizing-images/a.jpg", "lake/images", "imageiq_spark/__pycache__/x.pyc"])
+def test_the_image_build_context_leaves_out_venvs_other_spark_lines_jars_and_outputs(path):
+    # With vfs storage every layer is a full copy: a compat venv in the context costs gigabytes.
+    assert _container_ignores(path)
+
+
+@pytest.mark.parametrize("path", ["imageiq_spark/cli/__init__.py", "jars/delta/delta-spark.jar", "setup.py"])
+def test_the_image_build_context_keeps_the_package_and_this_lines_jars(path):
+    assert not _container_ignores(path)
