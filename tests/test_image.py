@@ -14,9 +14,9 @@ from pathlib import Path
 import cv2
 import pytest
 import requests
+from cluster import free_port
 from conftest import make_config
 from registered import register
-from test_serve import free_port
 
 from imageiq_spark.cli.sample_data import load_digits
 from imageiq_spark.ml.classifier import load_classifier
