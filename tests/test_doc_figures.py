@@ -4,17 +4,17 @@ fails here until the manual says what was measured."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = (ROOT / "docs" / "benchmarks.md").read_text()
-MANUAL = (ROOT / "docs" / "user_manual.md").read_text()
+from benchmarks import run
+
+MANUAL = (run.ROOT / "docs" / "user_manual.md").read_text()
 
 
 def section(name: str) -> str:
-    found = re.search(rf"<!-- bench:{name} -->\n(.*?)<!-- /bench:{name} -->", BENCHMARKS, flags=re.S)
-    assert found, f"docs/benchmarks.md has no {name} section"
-    return found.group(1)
+    """A section of docs/benchmarks.md, cut by the runner's own markers."""
+    found = run.sections(run.DOC.read_text())
+    assert name in found, f"docs/benchmarks.md has no {name} section"
+    return found[name]
 
 
 def table_cell(text: str, first_cells: tuple[str, ...], column: int) -> float:
