@@ -13,10 +13,14 @@ A build is NAME=CHECKOUT[@PYTHON[@JARS]]: another venv (another stack) and its j
   `BENCH_SERVE_SECONDS` (default 8) each.
 - run-all: bench_cluster's local column, `run-all` on 60 sample digits into a fresh lake per run;
   the whole command's seconds and each stage's summary `elapsed`.
+- score-job: bench_score's small-CNN whole job (PNG bytes -> prediction rows) in a process per
+  build and round (`benchmarks/ab_score_job.py`), 5 timed runs each after a warm-up; the median
+  of each process, and each round's ratio of every build to the first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -139,8 +143,32 @@ def run_all(builds: dict[str, Build]) -> None:
             f"{stage} {statistics.median(run[stage] for run in runs):.1f} s" for stage in runs[0]))
 
 
+def score_job(builds: dict[str, Build]) -> None:
+    rounds = int(os.environ.get("IMAGEIQ_AB_ROUNDS", "4"))
+    rates: dict[str, list[float]] = {name: [] for name in builds}
+    for round_, name in interleaved(list(builds), rounds):
+        build = builds[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([build.python, str(ROOT / "benchmarks" / "ab_score_job.py"), tmp, "5"],
+                                  env=build.env(), cwd=build.checkout, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"score job of {name} exited {done.returncode}: {done.stderr[-3000:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        rates[name].append(8192 / statistics.median(seconds))
+        print(f"round {round_} {name}: {rates[name][-1]:.0f} images/s "
+              f"({', '.join(f'{s:.2f}' for s in seconds)} s)", flush=True)
+    first, *others = builds
+    for name in builds:
+        print(f"{name}: median {statistics.median(rates[name]):.0f} images/s "
+              f"({', '.join(f'{v:.0f}' for v in rates[name])})")
+    for name in others:
+        ratios = [new / old for new, old in zip(rates[name], rates[first])]
+        print(f"{name} / {first} per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+              f"geometric mean {statistics.geometric_mean(ratios):.3f}")
+
+
 def main(arguments: list[str]) -> int:
-    modes = {"serve": serve, "run-all": run_all}
+    modes = {"serve": serve, "run-all": run_all, "score-job": score_job}
     if not arguments or arguments[0] not in modes:
         raise SystemExit(f"usage: python -m benchmarks.ab {{{','.join(modes)}}} "
                          "NAME=CHECKOUT[@PYTHON[@JARS]] ...")

@@ -44,12 +44,18 @@ class Stopwatch:
     started: float = field(default_factory=time.time)
     #: When the first image was worked on; None while (or when) there was nothing to work on.
     working: float | None = None
+    #: When the last image was done, where the stage has work after it (statistics, reports).
+    finished: float | None = None
     stopped: float | None = None
 
     def work(self, at: float | None = None) -> None:
         """Mark the start of the work (now, or at the earliest of the times marked)."""
         at = time.time() if at is None else at
         self.working = at if self.working is None else min(self.working, at)
+
+    def done(self) -> None:
+        """Mark the end of the work: what follows (statistics, reports, records) is shown apart."""
+        self.finished = time.time()
 
     def stop(self) -> float:
         """Stop the watch; the seconds since it started."""
@@ -60,12 +66,20 @@ class Stopwatch:
     def elapsed_s(self) -> float:
         return (self.stopped or time.time()) - self.started
 
-    def row(self, images: int) -> Row:
-        """The summary's `elapsed` row: the total, split into the fixed part and the images' rate."""
+    def row(self, count: int, unit: str = "images") -> Row:
+        """The summary's `elapsed` row: the total, split into the fixed part before the first of
+        `count` items (images, predictions) was worked on, their pace and, where marked `done`, the
+        part after the last."""
         total = f"{self.elapsed_s:.1f} s"
-        if self.working is None or not images:
+        if self.working is None or not count:
             return ("elapsed", f"{total}, nothing to work on")
+        one = unit.removesuffix("s")
         fixed = self.working - self.started
-        work = max((self.stopped or time.time()) - self.working, 1e-9)
-        return ("elapsed", f"{total}: {fixed:.1f} s before the first image, "
-                           f"then {images / work:.1f} images/s")
+        end = self.finished or self.stopped or time.time()
+        work = max(end - self.working, 1e-9)
+        # Under one a second (one moved file, a loaded machine) a rate would print as 0.0.
+        pace = f"{count / work:.1f} {unit}/s" if work <= count else f"{work / count:.1f} s per {one}"
+        text = f"{total}: {fixed:.1f} s before the first {one}, then {pace}"
+        if self.finished is not None:
+            text += f", {(self.stopped or time.time()) - end:.1f} s after the last"
+        return ("elapsed", text)

@@ -17,7 +17,6 @@ import datetime
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -28,7 +27,7 @@ from pyspark.sql import functions as F
 
 from imageiq_spark.core.clock import UTC, utc_now
 from imageiq_spark.core.config import Config
-from imageiq_spark.core.summary import Row, aligned
+from imageiq_spark.core.summary import Row, Stopwatch, aligned
 from imageiq_spark.core.tables import schema
 from imageiq_spark.lake import lakehouse, stage_state
 from imageiq_spark.lake.runs import RunCounts
@@ -81,7 +80,7 @@ class EvaluateSummary:
     #: Set when nothing changed since the recorded evaluation, which was not run again.
     reused: Record | None = None
     report_uri: str = ""
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
     pictures: dict[str, bytes] = field(default_factory=dict)
     #: Images of the split with a near-duplicate in train (None without `imageiq duplicates`).
     leakage: Leakage | None = None
@@ -112,7 +111,7 @@ class EvaluateSummary:
             at = EPOCH + datetime.timedelta(microseconds=self.reused.evaluated_at)
             rows.append(("evaluated", f"{at:%Y-%m-%d %H:%M:%S} UTC at prepared Delta version "
                                       f"{self.reused.prepared_version}; unchanged since, not run again"))
-        rows += [("report", self.report_uri), ("elapsed", f"{self.elapsed_s:.1f} s")]
+        rows += [("report", self.report_uri), self.watch.row(0 if self.reused else self.count + self.skipped)]
         return aligned(rows)
 
 
@@ -256,21 +255,23 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
     from imageiq_spark.lake import tracking
     from imageiq_spark.ml.classifier import load_classifier
 
-    started = time.monotonic()
+    watch = Stopwatch()
     uri = model_uri or tracking.default_model_uri(config)
     name, version, run_id = tracking.resolve_model(config, uri)
     split = config.evaluate.split
-    summary = EvaluateSummary(name, version, split)
+    summary = EvaluateSummary(name, version, split, watch=watch)
     if not lakehouse.table_exists(spark, config, "prepared"):
         raise RuntimeError("table 'prepared' does not exist: run `imageiq preprocess` first")
     # Taken before the rows are read: a commit in between leaves the record older than the rows.
     prepared_version = table_version(spark, config, "prepared")
     if reuse_recorded(spark, config, summary, run_id, prepared_version):
-        summary.elapsed_s = time.monotonic() - started
+        watch.stop()
         return summary
     classifier = load_classifier(f"models:/{name}/{version}")
     rows = read_prepared(spark, config, version=classifier.spec.version, splits=[split])
+    watch.work()
     ids, y_true, probs = predict_split(rows, classifier)
+    watch.done()
     summary.skipped = rows.count() - len(ids)
     near_version = table_version(spark, config, "near_duplicates")
     summary.leakage = split_leakage(spark, config, classifier.spec.version, split)
@@ -318,5 +319,5 @@ def run(spark: SparkSession, config: Config, model_uri: str | None = None) -> Ev
         mlflow.log_artifacts(tmp, artifact_path=f"evaluation/{split}")
         mlflow.set_tag(record_tag(split), json.dumps(asdict(record)))  # last: vouches for the above
     lakehouse.register_tables(spark, config)
-    summary.elapsed_s = time.monotonic() - started
+    watch.stop()
     return summary

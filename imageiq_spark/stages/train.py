@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from imageiq_spark.core.config import Config, ConfigError, loggable_params
-from imageiq_spark.core.summary import aligned
+from imageiq_spark.core.summary import Stopwatch, aligned
 from imageiq_spark.lake import delta_log, lakehouse, storage
 from imageiq_spark.lake.lease import Lease, hold
 from imageiq_spark.lake.runs import RunCounts
@@ -76,7 +75,8 @@ class TrainSummary:
     val_rows: int
     workers: int
     reader: str
-    elapsed_s: float
+    #: Its work is the epochs run: training images x epochs, at the pace the fit kept.
+    watch: Stopwatch
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.train_rows + self.val_rows, model_version=self.version)
@@ -95,7 +95,7 @@ class TrainSummary:
                                    f"on the same images: {previous})"),
             ("gate", self.gate_reason),
             ("mlflow run", self.run_id),
-            ("elapsed", f"{self.elapsed_s:.1f} s"),
+            self.watch.row(self.train_rows * (self.epochs_run - self.resumed_from)),
         ])
 
 
@@ -204,7 +204,7 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
         ) -> TrainSummary | TrainSkipped:
     """Train, track, register. `callbacks` are extra Keras callbacks (single-worker training);
     `force` trains even when nothing changed since the last registered version."""
-    started = time.monotonic()
+    watch = Stopwatch()
     train_config = config.train
     models.check_weights(train_config.model, train_config.weights)
     readers.check_reader(config)
@@ -222,11 +222,11 @@ def run(spark: SparkSession, config: Config, callbacks: Sequence[Any] = (), forc
             log.info("train: skipped, %s", unchanged[1])
             return TrainSkipped(config.mlflow.registered_model, unchanged[0], fingerprint, version,
                                 unchanged[1])
-        return _train_leased(spark, config, callbacks, started, reader, version, spec, fingerprint,
+        return _train_leased(spark, config, callbacks, watch, reader, version, spec, fingerprint,
                              folder, held)
 
 
-def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any], started: float,
+def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any], watch: Stopwatch,
                   reader: readers.Reader, version: int, spec: Any, fingerprint: str, folder: str,
                   held: Lease) -> TrainSummary:
     """`run`'s training, registration and gate, holding the lease on the checkpoint `folder`."""
@@ -262,7 +262,7 @@ def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any],
             checkpoint_dir=folder, workers=workers,
             use_gpu=train_config.distributed.use_gpu,
         )
-        summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, started,
+        summary = _train_and_log(spark, config, task, version, labels, spec, callbacks, watch,
                                  fingerprint, held)
     finally:
         for source in sources.values():
@@ -271,7 +271,7 @@ def _train_leased(spark: SparkSession, config: Config, callbacks: Sequence[Any],
 
 
 def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version: int,
-                   labels: list[str], spec: Any, callbacks: Sequence[Any], started: float,
+                   labels: list[str], spec: Any, callbacks: Sequence[Any], watch: Stopwatch,
                    fingerprint: str, held: Lease) -> TrainSummary:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -297,6 +297,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
         else:
             log.info("train: resuming run %s after epoch %d", run_id, resumed_from)
 
+        watch.work()
         if task.workers > 1:
             results = fit_distributed(spark, task)
             # Evidence that the workers trained in lockstep, as each measured it: the optimizer
@@ -308,6 +309,7 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
             state = TrainState(**{k: v for k, v in results[0].items() if k not in ("rank", "done")})
         else:
             state = TrainState(**fit(task, 0, callbacks)[0])
+        watch.done()
 
         for name, values in state.history.items():
             for step, value in enumerate(values):
@@ -338,11 +340,12 @@ def _train_and_log(spark: SparkSession, config: Config, task: TrainTask, version
     # Tagged last: a run that dies before its alias is recorded is not taken as done by the next.
     client.set_model_version_tag(name, registered, FINGERPRINT_TAG, fingerprint)
     storage.delete_dir(task.checkpoint_dir)
+    watch.stop()
     return TrainSummary(
         model=task.spec.architecture, run_id=run_id, version=registered, alias=alias,
         epochs_run=state.epochs_done, resumed_from=resumed_from, best_epoch=state.best_epoch,
         val_accuracy=val_accuracy, val_loss=val_loss, champion_val_accuracy=champion_accuracy,
         gate_reason=decision.reason,
         prepared_version=version, train_rows=task.train.rows, val_rows=task.val.rows,
-        workers=task.workers, reader=task.train.reader, elapsed_s=time.monotonic() - started,
+        workers=task.workers, reader=task.train.reader, watch=watch,
     )

@@ -51,6 +51,26 @@ def test_the_elapsed_row_splits_the_fixed_part_from_the_rate_of_the_work():
     assert watch.row(500) == ("elapsed", "12.0 s: 2.0 s before the first image, then 50.0 images/s")
 
 
+def test_work_marked_done_shows_the_part_after_the_last_image_apart():
+    watch = Stopwatch(started=100.0)
+    watch.work(at=104.0)
+    watch.finished = 114.0  # then statistics, the grid and the counts
+    watch.stopped = 117.5
+
+    assert watch.row(2000) == ("elapsed", "17.5 s: 4.0 s before the first image, then 200.0 images/s, "
+                                          "3.5 s after the last")
+
+
+def test_a_pace_under_one_a_second_shows_seconds_per_item_in_its_unit():
+    watch = Stopwatch(started=100.0)
+    watch.work(at=110.5)
+    watch.stopped = 239.0
+
+    assert watch.row(1) == ("elapsed", "139.0 s: 10.5 s before the first image, then 128.5 s per image")
+    assert watch.row(50, "predictions") == (
+        "elapsed", "139.0 s: 10.5 s before the first prediction, then 2.6 s per prediction")
+
+
 def test_a_run_with_nothing_to_work_on_says_so():
     watch = Stopwatch(started=100.0)
     watch.stopped = 101.25

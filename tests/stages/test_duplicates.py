@@ -226,6 +226,8 @@ def test_a_rerun_with_nothing_new_runs_no_job_nor_commit_and_reports_the_same_an
     assert again.counts() == runs.RunCounts(read=0, written=0, quarantined=0, skipped=0)
     assert [line for line in again.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))] == [
         line for line in first.lines() if not line.startswith(("hashed", "new pairs", "elapsed"))]
+    assert next(line for line in again.lines() if line.startswith("elapsed")).endswith(", nothing to work on")
+    assert next(line for line in first.lines() if line.startswith("elapsed")).endswith(" s after the last")
 
     lakehouse.merge_new_rows(config, "images", image_rows(spark, {"photo/jpeg60": copies["jpeg60"]}),
                              ["image_id"])

@@ -140,6 +140,14 @@ def test_a_rerun_with_nothing_new_reuses_the_evaluation_and_changed_data_is_eval
     assert len(MlflowClient().get_metric_history(run_id, "test_accuracy")) == 2
 
 
+def test_the_elapsed_line_paces_the_split_and_shows_the_pictures_and_logging_after_apart(evaluated):
+    _, summary = evaluated
+    watch = summary.watch
+    assert watch.started <= watch.working <= watch.finished <= watch.stopped
+    (line,) = [line for line in summary.lines() if line.startswith("elapsed:")]
+    assert " s before the first image, then " in line and line.endswith(" s after the last")
+
+
 def test_metrics_and_pictures_are_logged_to_the_models_run(evaluated):
     config, summary = evaluated
     client = MlflowClient()

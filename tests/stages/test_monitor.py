@@ -105,6 +105,13 @@ def test_a_batch_without_one_class_raises_the_label_mix_alerts_only(missing_clas
     assert alerted(summary) == {"label_psi"}
 
 
+def test_the_elapsed_line_paces_the_predictions_of_the_windows(missing_class):
+    _, summary = missing_class
+    assert summary.counted == WITHOUT_THREES  # the new batch's, its one window
+    (line,) = [line for line in summary.lines() if line.startswith("elapsed:")]
+    assert " s before the first prediction, then " in line and line.endswith(" s after the last")
+
+
 def test_alerts_land_in_the_alerts_table_once_per_window_and_metric(spark, missing_class):
     config, summary = missing_class
     cli.run_stage(spark, config, "monitor")  # a rerun raises the same breaches, stored once

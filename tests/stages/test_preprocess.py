@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,19 @@ def test_summary_reports_per_class_counts_per_split(history: History):
     assert history.first.class_counts["train"]["5"] == train_5
     train_line = next(line for line in history.first.lines() if line.startswith("train:"))
     assert f"5={train_5}" in train_line
+
+
+def test_elapsed_line_shows_the_floor_the_pace_and_the_statistics_after_apart(history: History):
+    watch = history.first.watch
+    assert watch.started <= watch.working <= watch.finished <= watch.stopped
+    (line,) = [line for line in history.first.lines() if line.startswith("elapsed:")]
+    assert re.fullmatch(r"elapsed: +[\d.]+ s: [\d.]+ s before the first image, then [\d.]+ "
+                        r"(images/s|s per image), [\d.]+ s after the last", line), line
+
+
+def test_a_rerun_with_nothing_pending_says_so_on_its_elapsed_line(history: History):
+    (line,) = [line for line in history.second.lines() if line.startswith("elapsed:")]
+    assert re.fullmatch(r"elapsed: +[\d.]+ s, nothing to work on", line), line
 
 
 def test_rerun_prepares_nothing_and_changes_no_row(spark, history: History):

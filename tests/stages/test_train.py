@@ -104,6 +104,13 @@ def test_champion_in_a_fresh_process_predicts_raw_bytes_like_the_in_process_mode
         [[label for label, _ in top] for top in expected]
 
 
+def test_the_elapsed_line_paces_the_images_of_the_epochs_and_shows_registration_apart(champion):
+    watch = champion.watch
+    assert watch.started <= watch.working <= watch.finished <= watch.stopped
+    (line,) = [line for line in champion.lines() if line.startswith("elapsed:")]
+    assert " s before the first image, then " in line and line.endswith(" s after the last")
+
+
 def test_worse_model_does_not_take_champion(spark, lake, champion):
     _, config = lake
     worse = config.with_overrides({"train.epochs": 1, "train.learning_rate": 1e-7})

@@ -21,7 +21,6 @@ version and the settings are the same, a rerun reports those counts.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pyspark.sql.types import (
 
 from imageiq_spark.core.clock import utc_now
 from imageiq_spark.core.config import Config
-from imageiq_spark.core.summary import Row, aligned
+from imageiq_spark.core.summary import Row, Stopwatch, aligned
 from imageiq_spark.core.tables import CLUSTERS_SCHEMA, CLUSTERS_TABLE, schema
 from imageiq_spark.lake import lakehouse, stage_state
 from imageiq_spark.lake.runs import RunCounts
@@ -75,7 +74,7 @@ class DuplicatesSummary:
     #: Images under `duplicates.min_side` pixels a side, left out of the `phash` tier.
     small: int = 0
     min_side: int = 0
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
 
     def counts(self) -> RunCounts:
         return RunCounts(read=self.hashed, written=self.new_pairs, quarantined=self.unreadable,
@@ -94,7 +93,7 @@ class DuplicatesSummary:
             rows.append((tier, f"{self.pairs.get(tier, 0)} pairs{extra}"))
         rows += [("new pairs", self.new_pairs),
                  ("clusters", f"{self.clusters} ({self.clustered_images} images)"),
-                 ("elapsed", f"{self.elapsed_s:.1f} s")]
+                 self.watch.row(self.hashed)]
         return aligned(rows)
 
 
@@ -107,8 +106,9 @@ def ensure_tables(spark: SparkSession, config: Config) -> None:
     lakehouse.ensure_table(spark, config, CLUSTERS_TABLE, CLUSTERS_SCHEMA)
 
 
-def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
+def update_hashes(spark: SparkSession, config: Config, watch: Stopwatch | None = None) -> tuple[int, int]:
     """Hash every image of `images` without an `image_hashes` row; returns (new rows, unreadable).
+    `watch` marks the start of the hashing, if any.
 
     The hashes are staged to Parquet first, so a retried MERGE never decodes the images again."""
     images = lakehouse.read_table(spark, config, "images").select("image_id", "content")
@@ -116,6 +116,8 @@ def update_hashes(spark: SparkSession, config: Config) -> tuple[int, int]:
     with lakehouse.pending_rows(images, [done]) as pending:
         if not pending.count:
             return 0, 0
+        if watch is not None:
+            watch.work()
         staging = lakehouse.lake_path(config, "staging", HASHES_TABLE, uuid.uuid4().hex)
         try:
             spread(pending.rows).mapInArrow(phash.hash_record_batches, _HASH_ROWS).write.parquet(staging)
@@ -165,21 +167,22 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
             f"table images does not exist under storage.root '{config.storage.root}': "
             "run `imageiq ingest` first"
         )
-    started = time.monotonic()
+    watch = Stopwatch()
     ensure_tables(spark, config)
     versions = stage_state.table_versions(spark, config, WATCHED)
     found = stage_state.unchanged(config, "duplicates", config.fingerprint("duplicates"), versions)
     if found and found["embedding_model"]:
         found["embedding_model"] = tuple(found["embedding_model"])  # a JSON list
-    summary = DuplicatesSummary(**found) if found else search(spark, config)
-    summary.elapsed_s = time.monotonic() - started
+    summary = DuplicatesSummary(**found) if found else search(spark, config, watch)
+    summary.watch = watch
+    watch.stop()
     return summary
 
 
-def search(spark: SparkSession, config: Config) -> DuplicatesSummary:
+def search(spark: SparkSession, config: Config, watch: Stopwatch) -> DuplicatesSummary:
     settings = config.duplicates
     summary = DuplicatesSummary()
-    summary.hashed, summary.unreadable = update_hashes(spark, config)
+    summary.hashed, summary.unreadable = update_hashes(spark, config, watch)
     # Taken before the reads: a commit in between leaves the state older than what was read.
     before = stage_state.table_versions(spark, config, WATCHED)
     hashes = lakehouse.read_table(spark, config, HASHES_TABLE)
@@ -205,6 +208,7 @@ def search(spark: SparkSession, config: Config) -> DuplicatesSummary:
         rows = rows.unionByName(more)
     # One MERGE for all tiers: each MERGE is a Delta commit of its own (seconds on a small lake).
     summary.new_pairs = lakehouse.merge_new_rows(config, PAIRS_TABLE, rows, PAIR_KEYS)
+    watch.done()
     stored = lakehouse.read_table(spark, config, PAIRS_TABLE)
     edges = [(r["image_id_a"], r["image_id_b"], r["tier"]) for r in
              stored.select("image_id_a", "image_id_b", "tier").collect()]

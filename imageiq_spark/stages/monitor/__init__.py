@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pyspark.sql import SparkSession
 from imageiq_spark.core import tables
 from imageiq_spark.core.clock import UTC, utc_now
 from imageiq_spark.core.config import Config
-from imageiq_spark.core.summary import Row, aligned
+from imageiq_spark.core.summary import Row, Stopwatch, aligned
 from imageiq_spark.lake import lakehouse
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.stages.monitor import state
@@ -98,7 +97,9 @@ class MonitorSummary:
     alerts: list[Alert] = field(default_factory=list)
     report_uri: str = ""
     textfile: str = ""
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
+    #: Predictions (and served requests) counted in this run's windows.
+    counted: int = 0
 
     def latest_alerts(self) -> list[Alert]:
         """Breaches in the newest batch window: what a scheduler pages on (older ones already did)."""
@@ -141,14 +142,14 @@ class MonitorSummary:
             rows.append(("report", self.report_uri))
         if self.textfile:
             rows.append(("prometheus", self.textfile))
-        rows.append(("elapsed", f"{self.elapsed_s:.1f} s"))
+        rows.append(self.watch.row(self.counted, "predictions"))
         return aligned(rows)
 
 
 
 def run(spark: SparkSession, config: Config) -> MonitorSummary:
     """Profile every window of the last `monitor.lookback_days` against the champion's baseline."""
-    started = time.monotonic()
+    watch = Stopwatch()
     for table in ("images", "prepared", "predictions"):
         if not lakehouse.table_exists(spark, config, table):
             raise RuntimeError(f"table '{table}' does not exist: monitoring needs ingest, preprocess, "
@@ -163,9 +164,11 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         summary = MonitorSummary.again(model, last["summary"])
         if summary.latest_window is not None:
             summary.textfile = write_textfile(config, model, summary.latest, summary.latest_alerts())
-        summary.elapsed_s = time.monotonic() - started
+        summary.watch = watch
+        watch.stop()
         return summary
-    summary = MonitorSummary(model.name, model.version)
+    summary = MonitorSummary(model.name, model.version, watch=watch)
+    watch.work()
     with ThreadPoolExecutor(1, thread_name_prefix="imageiq-monitor") as pool:
         # Small independent jobs overlap: most of each is driver-side (planning, Delta logs).
         quarantine = pool.submit(quarantine_rates, spark, config, since)
@@ -174,7 +177,9 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         read = read and state.with_profiles(config, read)
         by_window = collect_sides(population(spark, config, model, since))
         rates = quarantine.result()
+    watch.done()
     baseline = by_window.pop((BASELINE, None), Distributions())
+    summary.counted = sum(side.rows() for side in by_window.values())
 
     computed_at = utc_now()
     unit = config.monitor.window
@@ -215,7 +220,7 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
         summary.textfile = write_textfile(config, model, summary.latest, raised)
     # Last: its commit records this run's state, which only a run whose other writes are in may do.
     write_drift(spark, config, drifts, read and {"inputs": read, "summary": summary.reported()})
-    summary.elapsed_s = time.monotonic() - started
+    watch.stop()
     return summary
 
 

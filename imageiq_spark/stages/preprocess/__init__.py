@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 import uuid
 
 from pyspark.errors import PySparkException
@@ -186,7 +185,6 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
             f"table images does not exist under storage.root '{config.storage.root}': "
             "run `imageiq ingest` first"
         )
-    started = time.monotonic()
     spec = TransformSpec.from_config(config)
     summary = PreprocessSummary(version=spec.version)
     ensure_tables(spark, config)
@@ -204,6 +202,7 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
             if attempt == 1 and version_row(spark, config, spec.version) is None:
                 # Before the tensors: rows of a version always have its spec (a no-op run skips this).
                 store_version(spark, config, spec)
+            summary.watch.work()
             try:
                 written, attempt_report = prepare_pending(spark, config, spec, pending.rows, pending.ids,
                                                           prepared_at, tag)
@@ -214,6 +213,7 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
                             type(exc).__name__, attempt, ATTEMPTS)
                 continue
             made = pending.count - len({failure[0] for failure in attempt_report.failures})
+        summary.watch.done()
         summary.prepared, report = written, attempt_report
         summary.quarantined.update(quarantine_failures(spark, config, report.failures, prepared_at,
                                                          spec.version))
@@ -232,5 +232,5 @@ def run(spark: SparkSession, config: Config) -> PreprocessSummary:
         summary.grid = write_grid(config, spec, report.sample)
     catch_up_run_stats(spark, config, spec)
     summary.split_counts, summary.class_counts = count_table(spark, config, spec.version)
-    summary.elapsed_s = time.monotonic() - started
+    summary.watch.stop()
     return summary

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from imageiq_spark.core.config import Config
-from imageiq_spark.core.summary import Row, aligned
+from imageiq_spark.core.summary import Row, Stopwatch, aligned
 from imageiq_spark.lake import lakehouse, storage
 from imageiq_spark.lake.runs import RunCounts
 from imageiq_spark.ml.prepared import SPLITS
@@ -30,14 +30,13 @@ class PreprocessSummary:
     split_counts: dict[str, int] = field(default_factory=dict)
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     grid: str | None = None
-    elapsed_s: float = 0.0
+    watch: Stopwatch = field(default_factory=Stopwatch)
 
     def counts(self) -> RunCounts:
         quarantined = sum(self.quarantined.values())
         return RunCounts(read=self.prepared + quarantined, written=self.prepared, quarantined=quarantined)
 
     def lines(self) -> list[str]:
-        rate = self.prepared / self.elapsed_s if self.elapsed_s else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
         rows: list[Row] = [
             ("version", self.version),
@@ -50,7 +49,7 @@ class PreprocessSummary:
             rows.append((split, f"{self.split_counts.get(split, 0)} ({per_class or 'no images'})"))
         if self.grid:
             rows.append(("sample grid", self.grid))
-        rows.append(("elapsed", f"{self.elapsed_s:.1f} s ({rate:.1f} images/s)"))
+        rows.append(self.watch.row(self.prepared + sum(self.quarantined.values())))
         return aligned(rows)
 
 
