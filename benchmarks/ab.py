@@ -26,16 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from benchmarks import bench_serve
-from benchmarks.bench_cluster import IMAGES_PER_CLASS, stage_seconds
-from benchmarks.common import bench_config
+from benchmarks import bench_cluster, bench_serve
+from benchmarks.common import bench_config, free_port
 
 CONCURRENCY = (1, 32)
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +84,7 @@ def serve(builds: dict[str, Build]) -> None:
         servers, urls = {}, {}
         try:
             for name, build in builds.items():
-                port = bench_serve.free_port()
+                port = free_port()
                 servers[name] = subprocess.Popen(
                     [build.python, "-m", "imageiq_spark", "--conf", str(conf), "serve", "--port", str(port)],
                     cwd=build.checkout, env=build.env(), stdout=subprocess.DEVNULL,
@@ -114,27 +112,16 @@ def run_all(builds: dict[str, Build]) -> None:
     from imageiq_spark.cli.sample_data import write_sample_data
 
     rounds = int(os.environ.get("IMAGEIQ_AB_ROUNDS", "2"))
-    settings = {"train.reader": "arrow", "train.epochs": 2, "train.batch_size": 16,
-                "spark_conf.spark.ui.enabled": "false", "spark_conf.spark.sql.shuffle.partitions": 2,
-                "spark_conf.spark.default.parallelism": 2, "spark_conf.spark.master": "local[2]"}
     seconds: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_sample_data(work / "images", per_class=IMAGES_PER_CLASS)
+        write_sample_data(work / "images", per_class=bench_cluster.IMAGES_PER_CLASS)
         for round_, name in interleaved(list(builds), rounds):
             build, run = builds[name], work / f"{name}-{round_}"
-            run.mkdir()
             # A registered model of its own per run: train must not skip as "nothing changed".
-            sets = {**settings, "storage.root": run / "lake",
-                    "mlflow.registered_model": f"ab_{name}_{round_}"}
-            started = time.perf_counter()
-            overrides = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-            done = subprocess.run([build.python, "-m", "imageiq_spark", *overrides, "run-all",
-                                   "--source", str(work / "images")],
-                                  env=build.env(), cwd=run, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"run-all of {name} exited {done.returncode}: {done.stderr[-3000:]}")
-            stages = {**stage_seconds(done.stdout), "whole command": time.perf_counter() - started}
+            settings = {**bench_cluster.COMMON, "spark_conf.spark.master": "local[2]",
+                        "storage.root": run / "lake", "mlflow.registered_model": f"ab_{name}_{round_}"}
+            stages = bench_cluster.run_all(settings, build.env(), str(work / "images"), run, build.python)
             seconds[name].append(stages)
             print(f"round {round_} {name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()),
                   flush=True)

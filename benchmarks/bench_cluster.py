@@ -18,7 +18,7 @@ from pathlib import Path
 
 import boto3
 
-from benchmarks.common import median, table
+from benchmarks.common import free_port, median, table
 from imageiq_spark.cli.sample_data import write_sample_data
 from imageiq_spark.lake.session import local_cluster_home
 
@@ -27,14 +27,6 @@ REPEATS = int(os.environ.get("BENCH_CLUSTER_REPEATS", "2"))  # each repeat is ~2
 BUCKET = "imageiq-bench"
 KEY, SECRET, REGION = "AKIDBENCH", "bench-secret", "us-east-1"
 LOCAL_CLUSTER = "local-cluster[2,1,1024]"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(url: str, process: subprocess.Popen) -> None:
@@ -64,11 +56,19 @@ def stage_seconds(stdout: str) -> dict[str, float]:
     return found
 
 
-def run_all(settings: dict[str, object], env: dict[str, str], source: str, cwd: Path) -> dict[str, float]:
+#: The settings of every run: two epochs of the default CNN on the Arrow reader, small Spark.
+COMMON = {"train.reader": "arrow", "train.epochs": 2, "train.batch_size": 16,
+          "spark_conf.spark.ui.enabled": "false", "spark_conf.spark.sql.shuffle.partitions": 2,
+          "spark_conf.spark.default.parallelism": 2}
+
+
+def run_all(settings: dict[str, object], env: dict[str, str], source: str, cwd: Path,
+            python: str = sys.executable) -> dict[str, float]:
+    """{stage: summary seconds, "whole command": wall seconds} of one `run-all` process."""
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "imageiq_spark", *sets, "run-all", "--source", source],
+    done = subprocess.run([python, "-m", "imageiq_spark", *sets, "run-all", "--source", source],
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -102,9 +102,6 @@ def run(workdir: Path) -> str:
         for path in sorted(images.rglob("*.png")):
             client.upload_file(str(path), BUCKET, f"incoming/{path.relative_to(images).as_posix()}")
         wait_for(f"http://127.0.0.1:{mlflow_port}/health", tracking)
-        common = {"train.reader": "arrow", "train.epochs": 2, "train.batch_size": 16,
-                  "spark_conf.spark.ui.enabled": "false", "spark_conf.spark.sql.shuffle.partitions": 2,
-                  "spark_conf.spark.default.parallelism": 2}
         remote = {"mlflow.tracking_uri": f"http://127.0.0.1:{mlflow_port}"}
         layouts = {
             "local[2], lake on local disk, MLflow on SQLite": (
@@ -121,7 +118,7 @@ def run(workdir: Path) -> str:
                 lake = (str(workdir / f"lake-{index}-{repeat}") if "local disk" in name
                         else f"s3a://{BUCKET}/lake-{index}-{repeat}")
                 # A registered model of its own per run: train must not skip as "nothing changed".
-                run_settings = {**common, **settings, "storage.root": lake,
+                run_settings = {**COMMON, **settings, "storage.root": lake,
                                 "mlflow.registered_model": f"bench_{index}_{repeat}"}
                 cwd = workdir / f"cwd-{index}-{repeat}"
                 results[name].append(run_all(run_settings, layout_env, source, cwd))

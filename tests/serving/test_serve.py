@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from cluster import free_port
 from conftest import make_config
 from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import functions as F
@@ -40,12 +40,6 @@ AGREEMENT, AGREEMENT_SLOW = 50, 200  # images compared over HTTP and in `predict
 MAX_BYTES = 100_000
 MAX_PIXELS = 1_000_000
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
