@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks import bench_cluster, bench_serve
-from benchmarks.common import bench_config, free_port
+from benchmarks.bench_serve import free_port
+from benchmarks.common import bench_config
 
 CONCURRENCY = (1, 32)
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import boto3
 
-from benchmarks.common import free_port, median, table
+from benchmarks.bench_serve import free_port
+from benchmarks.common import median, table
 from imageiq_spark.cli.sample_data import write_sample_data
 from imageiq_spark.lake.session import local_cluster_home
 

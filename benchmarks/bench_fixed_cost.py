@@ -11,17 +11,26 @@ duplicates and monitor in turn:
 Spark jobs are counted by the job ids of the application's status tracker (no listener), Delta
 commits by the new `NNN.json` files in every `_delta_log` under storage.root.
 
+Beside it, what those jobs and commits cost by themselves, outside our code: a trivial Spark job,
+a one-row Delta append, read and insert-only MERGE with the stock APIs, each the first time in a
+fresh process (cold: the JVM loads and compiles Spark's and Delta's code as it goes) and then warm
+(median of 5). A stage's jobs and commits times these warm costs is the floor it pays for them
+whatever its own code does.
+
 `python -m benchmarks.bench_fixed_cost --images 200 [--out FILE]` runs it alone at another size.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 import shutil
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +122,59 @@ def measure_stages(workdir: Path, images: int) -> dict[str, dict[str, Cost]]:
     return phases
 
 
-def report(phases: dict[str, dict[str, Cost]], images: int) -> str:
+#: The stock operations a stage's fixed cost is made of, in the order first run cold.
+PRIMITIVES = ("a trivial Spark job (`spark.range(10).count()`)", "a one-row Delta append",
+              "a Delta read (`count()` of the table)", "a one-row insert-only Delta MERGE")
+
+
+def primitives(workdir: str, repeats: int = 5) -> dict[str, tuple[int, float, float]]:
+    """{operation: (Spark jobs, cold seconds, warm median seconds)} in this process's first session.
+    Run it in a fresh process (`spawn`), so cold means a JVM that has run nothing yet."""
+    from delta.tables import DeltaTable
+
+    from imageiq_spark.lake.session import get_spark
+
+    root = Path(workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    spark = get_spark(bench_config(root / "lake"), app_name="bench-primitives")
+    path = str(root / "table")
+
+    def rows(i: int) -> Any:
+        return spark.createDataFrame([(f"id-{i}", i)], "id string, n long")
+
+    def merge(i: int) -> None:
+        target = DeltaTable.forPath(spark, path).alias("t")
+        target.merge(rows(10_000 + i).alias("s"), "t.id = s.id").whenNotMatchedInsertAll().execute()
+
+    actions: dict[str, Callable[[int], Any]] = dict(zip(PRIMITIVES, (
+        lambda i: spark.range(10).count(),
+        lambda i: rows(i).write.format("delta").mode("append").save(path),
+        lambda i: spark.read.format("delta").load(path).count(),
+        merge,
+    )))
+    found = {}
+    for name, action in actions.items():
+        seconds, jobs = [], 0
+        for i in range(repeats + 1):
+            first, started = last_job(spark), time.perf_counter()
+            action(i)
+            seconds.append(time.perf_counter() - started)
+            jobs = last_job(spark) - first
+        found[name] = (jobs, seconds[0], statistics.median(seconds[1:]))
+    spark.stop()
+    return found
+
+
+def floor_seconds(cost: Cost, measured: dict[str, tuple[int, float, float]]) -> float:
+    """What a stage's jobs and commits cost by themselves, warm: each job as a trivial job, each
+    commit as a one-row append beyond its own jobs."""
+    job = measured[PRIMITIVES[0]][2]
+    append_jobs, _, append = measured[PRIMITIVES[1]]
+    return cost.jobs * job + sum(cost.commits.values()) * max(append - append_jobs * job, 0.0)
+
+
+def report(phases: dict[str, dict[str, Cost]], images: int,
+           measured: dict[str, tuple[int, float, float]]) -> str:
     names = list(phases)
     header = ["stage"] + [f"{p}: {what}" for p in names for what in ("jobs", "commits", "s")]
     rows = [[stage] + [v for p in names for v in (phases[p][stage].jobs,
@@ -126,6 +187,10 @@ def report(phases: dict[str, dict[str, Cost]], images: int) -> str:
     detail = [f"- {stage}: " + "; ".join(
         f"{p}: " + (", ".join(f"{t} {n}" for t, n in sorted(phases[p][stage].commits.items())) or "none")
         for p in names[1:]) for stage in STAGES]
+    stock = [[name, jobs, round(cold, 2), round(warm, 3)] for name, (jobs, cold, warm) in measured.items()]
+    floors = [[stage] + [v for p in names[1:] for v in (
+        round(phases[p][stage].seconds, 1), round(floor_seconds(phases[p][stage], measured), 1))]
+        for stage in STAGES]
     return "\n".join([
         f"## Fixed cost: Spark jobs and Delta commits per stage ({images:,} images, +{images:,})",
         "",
@@ -140,11 +205,28 @@ def report(phases: dict[str, dict[str, Cost]], images: int) -> str:
         "",
         *detail,
         "",
+        "What the stock operations cost by themselves (one fresh process, local[2], the lake on local "
+        "disk; cold: the first of each in that process, in this order; warm: median of 5 after it):",
+        "",
+        table(["operation", "Spark jobs", "cold: s", "warm: s"], stock),
+        "",
+        "Each stage's seconds beside the floor of its jobs and commits (jobs x a trivial job's warm "
+        "seconds + commits x a one-row append's, beyond its own jobs): the part of a warm run that "
+        "stock Spark and Delta charge for the jobs and commits alone.",
+        "",
+        table(["stage"] + [f"{p}: {what}" for p in names[1:] for what in ("s", "floor s")], floors),
+        "",
     ])
 
 
+def measure_all(workdir: Path, images: int) -> str:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        measured = fresh.submit(primitives, str(workdir / "primitives")).result()
+    return report(measure_stages(workdir / "stages", images), images, measured)
+
+
 def run(workdir: Path) -> str:
-    return report(measure_stages(workdir, IMAGES), IMAGES)
+    return measure_all(workdir, IMAGES)
 
 
 if __name__ == "__main__":
@@ -153,7 +235,7 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", type=Path, default=Path(__file__).parent / "out" / "fixed_cost")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = report(measure_stages(args.workdir, args.images), args.images)
+    text = measure_all(args.workdir, args.images)
     if args.out:
         args.out.write_text(text)
     print(text)

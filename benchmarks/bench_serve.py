@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from fastapi import Request  # noqa: E402  (a module-level name: FastAPI resolves the route's annotation)
 
-from benchmarks.common import bench_config, free_port, median, table, timed  # noqa: E402
+from benchmarks.common import bench_config, median, table, timed  # noqa: E402
 
 if TYPE_CHECKING:
     from imageiq_spark.ml.classifier import ImageClassifier
@@ -49,6 +50,13 @@ PAIRS = 3
 SIDE = 256  # JPEG size
 CASES = (("small_cnn", 32), ("mobilenet_v2", 224))  # architecture, input side
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server the benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_jpegs(folder: Path, n: int) -> list[bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -85,10 +84,3 @@ def cpu_used(action: Callable[[], Any], into: list[dict[str, float]]) -> Callabl
         into.append(used)
 
     return measured
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now (for a server the benchmark starts)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

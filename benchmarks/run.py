@@ -109,9 +109,16 @@ def runs_cli(node: ast.AST) -> bool:
             and isinstance(node.right, ast.Constant) and node.right.value == "imageiq")
 
 
+def names_a_module(node: ast.AST) -> bool:
+    """An f-string naming one of the package's modules at run time (`f"imageiq_spark.stages.{stage}"`)."""
+    return (isinstance(node, ast.JoinedStr) and bool(node.values) and isinstance(node.values[0], ast.Constant)
+            and str(node.values[0].value).startswith(f"{PACKAGE}."))
+
+
 def imported_files(path: Path) -> set[Path]:
     """This checkout's modules that a file imports anywhere (lazy imports in functions too); the
-    whole package when it runs the CLI in a subprocess (the CLI imports each stage by its name)."""
+    whole package when it runs the CLI in a subprocess (the CLI imports each stage by its name) or
+    imports a module whose name it makes at run time."""
     modules: set[str] = set()
     files: set[Path] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -120,7 +127,7 @@ def imported_files(path: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules.add(node.module)
             modules.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif runs_cli(node):
+        elif runs_cli(node) or names_a_module(node):
             files.update((ROOT / PACKAGE).rglob("*.py"))
     return files | {f for f in map(module_file, modules) if f is not None}
 
