@@ -55,3 +55,10 @@ def test_a_section_that_runs_the_cli_measures_the_whole_package():
 
     assert package <= names(run.measured_files("sizing"))
     assert package <= names(run.measured_files("serve"))  # `BIN / "imageiq"`, not an import
+
+
+def test_a_section_that_imports_stages_by_a_name_made_at_run_time_measures_the_whole_package():
+    package = names((run.ROOT / "imageiq_spark").rglob("*.py"))
+
+    # bench_fixed_cost runs each stage as `import_quietly(f"imageiq_spark.stages.{stage}")`
+    assert package <= names(run.measured_files("fixed_cost"))
