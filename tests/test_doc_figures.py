@@ -42,3 +42,36 @@ def test_the_manuals_near_duplicate_speed_up_holds_the_benchmarks():
     measured = table_cell(section("duplicates"), ("8", "100,000"), 5)
     low, high = map(float, quoted(r"At 100,000 hashes and k = 8 that is (\d+)-(\d+)x faster").groups())
     assert low <= measured <= high
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the first Markdown table in `text` whose header row starts with `header_start`."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"| {header_start}")), None)
+    assert start is not None, f"no table whose header starts {header_start!r}"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_platform_pages_sizing_table_and_worked_example_are_the_benchmarks():
+    measured = section("sizing")
+    platforms = (run.ROOT / "docs" / "platforms.md").read_text()
+    header = "stage | fixed cost per run, s"
+    assert table_rows(platforms, header) == table_rows(measured, header)
+    example = re.search(r"Worked example: [^\n]+", measured)
+    assert example and example.group(0) in platforms
+
+
+def test_the_platform_pages_storage_and_executor_factors_are_the_cluster_sections():
+    measured = section("cluster")
+    platforms = (run.ROOT / "docs" / "platforms.md").read_text()
+    s3 = table_cell(measured, ("whole command",), 4)
+    separate = table_cell(measured, ("whole command",), 5)
+    said = re.search(r"took ([\d.]+)x as long with the lake on\s+S3", platforms)
+    assert said and float(said.group(1)) == round(s3, 2)
+    said = re.search(r"and ([\d.]+)x with executors in JVMs of their own", platforms)
+    assert said and float(said.group(1)) == round(separate, 2)
