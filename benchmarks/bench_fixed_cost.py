@@ -166,9 +166,10 @@ def primitives(workdir: str, repeats: int = 5) -> dict[str, tuple[int, float, fl
 
 
 def floor_seconds(cost: Cost, measured: dict[str, tuple[int, float, float]]) -> float:
-    """What a stage's jobs and commits cost by themselves, warm: each job as a trivial job, each
-    commit as a one-row append beyond its own jobs."""
-    job = measured[PRIMITIVES[0]][2]
+    """What a stage's jobs and commits cost by themselves, warm: each job as one job of the trivial
+    action (its seconds over its jobs), each commit as a one-row append beyond its own jobs."""
+    trivial_jobs, _, trivial = measured[PRIMITIVES[0]]
+    job = trivial / max(trivial_jobs, 1)
     append_jobs, _, append = measured[PRIMITIVES[1]]
     return cost.jobs * job + sum(cost.commits.values()) * max(append - append_jobs * job, 0.0)
 
@@ -210,9 +211,10 @@ def report(phases: dict[str, dict[str, Cost]], images: int,
         "",
         table(["operation", "Spark jobs", "cold: s", "warm: s"], stock),
         "",
-        "Each stage's seconds beside the floor of its jobs and commits (jobs x a trivial job's warm "
-        "seconds + commits x a one-row append's, beyond its own jobs): the part of a warm run that "
-        "stock Spark and Delta charge for the jobs and commits alone.",
+        "Each stage's seconds beside the floor of its jobs and commits (jobs x the warm seconds of "
+        "one job of the trivial action + commits x a one-row append's beyond its own job): what stock "
+        "Spark and Delta charge for that many jobs and commits, run one after another, whatever the "
+        "stage does in them.",
         "",
         table(["stage"] + [f"{p}: {what}" for p in names[1:] for what in ("s", "floor s")], floors),
         "",
