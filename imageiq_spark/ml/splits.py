@@ -46,24 +46,25 @@ def new_splits(ids: DataFrame, stored: DataFrame, earlier: DataFrame | None, clu
     `stored` holds (image_id, split) already assigned, `earlier` (image_id, split) of images
     prepared before splits were stored, `clusters` (image_id, cluster_id) of near-duplicates."""
     todo = ids.select("image_id").distinct().join(stored.select("image_id"), "image_id", "left_anti")
-    known = stored.select("image_id", "split")
-    if earlier is not None:
-        kept = earlier.join(todo, "image_id", "left_semi")
-        known = known.unionByName(kept)
-    else:
-        kept = None
-    if clusters is None:
-        clusters = ids.sparkSession.createDataFrame([], "image_id string, cluster_id string")
-    members = clusters.select("image_id", "cluster_id")
-    # Per cluster, the split of its smallest member that already has one.
-    cluster_split = (known.join(members, "image_id")
-                     .groupBy("cluster_id").agg(F.min_by("split", "image_id").alias("cluster_split")))
+    kept = None if earlier is None else earlier.join(todo, "image_id", "left_semi")
     rest = todo if kept is None else todo.join(kept, "image_id", "left_anti")
-    hashed = split_column(F.coalesce("cluster_id", "image_id"), train, val)
-    assigned = (rest.join(members, "image_id", "left")
-                .join(cluster_split, "cluster_id", "left")
-                .select("image_id", F.coalesce("cluster_split", hashed).alias("split"),
-                        F.when(F.col("cluster_id").isNull(), "hash").otherwise("cluster").alias("rule")))
+    if clusters is None:
+        # No near-duplicates found yet: each image by its own id (no cluster joins to plan and run).
+        assigned = rest.select("image_id", split_column(F.col("image_id"), train, val).alias("split"),
+                               F.lit("hash").alias("rule"))
+    else:
+        known = stored.select("image_id", "split")
+        if kept is not None:
+            known = known.unionByName(kept)
+        members = clusters.select("image_id", "cluster_id")
+        # Per cluster, the split of its smallest member that already has one.
+        cluster_split = (known.join(members, "image_id")
+                         .groupBy("cluster_id").agg(F.min_by("split", "image_id").alias("cluster_split")))
+        hashed = split_column(F.coalesce("cluster_id", "image_id"), train, val)
+        assigned = (rest.join(members, "image_id", "left")
+                    .join(cluster_split, "cluster_id", "left")
+                    .select("image_id", F.coalesce("cluster_split", hashed).alias("split"),
+                            F.when(F.col("cluster_id").isNull(), "hash").otherwise("cluster").alias("rule")))
     if kept is not None:
         assigned = assigned.unionByName(kept.select("image_id", "split", F.lit("prepared").alias("rule")))
     return assigned
@@ -77,9 +78,10 @@ def assign(spark: SparkSession, config: Config, ids: DataFrame) -> DataFrame:
     stored = lakehouse.read_table(spark, config, SPLITS_TABLE)
     earlier = None
     if lakehouse.table_exists(spark, config, "prepared"):
-        first = (lakehouse.read_table(spark, config, "prepared")
-                 .groupBy("image_id").agg(F.min_by("split", "prepared_at").alias("split")))
-        earlier = first.join(stored.select("image_id"), "image_id", "left_anti")
+        # Only `ids`' rows are grouped (`new_splits` keeps those without a stored split).
+        earlier = (lakehouse.read_table(spark, config, "prepared").select("image_id", "split", "prepared_at")
+                   .join(ids.select("image_id"), "image_id", "left_semi")
+                   .groupBy("image_id").agg(F.min_by("split", "prepared_at").alias("split")))
     fractions = config.preprocess.split
     rows = new_splits(ids, stored, earlier, read_clusters(spark, config), fractions.train, fractions.val)
     lakehouse.merge_new_rows(config, SPLITS_TABLE, rows.withColumn("assigned_at", F.current_timestamp()),

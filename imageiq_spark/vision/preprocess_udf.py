@@ -244,18 +244,21 @@ def transform_images(images: DataFrame, spec: TransformSpec, config: Config,
     Each row's split comes from `splits` (image_id, split: the stored ones, `splits.assign`), or
     without it from the hash of its image_id at the configured fractions."""
     fractions = config.preprocess.split
-    rows = images.select(*PASSED_COLUMNS[:-1], "content")
+    # Run under `transform_settings`, the scan of `images` (small row groups) already splits into
+    # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
+    # JVM CPU per 500x375 JPEG), so only a table too small to split is spread. Spread before the
+    # splits join: the partitions of the join's plan are known only once its broadcast has run
+    # (5-8 Spark jobs more for a preprocess run).
+    rows = spread(images.select(*PASSED_COLUMNS[:-1], "content"))
     if splits is None:
         rows = rows.withColumn("split", split_column(F.col("image_id"), fractions.train, fractions.val))
     else:
-        # Ids and splits only (about 80 bytes an image): a shuffle join would move the image bytes.
+        # Ids and splits only (about 80 bytes an image): a shuffle join would move the image bytes;
+        # a broadcast join keeps the partitions of the images.
         rows = rows.join(F.broadcast(splits), "image_id")
-    # Run under `transform_settings`, the scan of `images` (small row groups) already splits into
-    # many small tasks; dealing the image bytes round-robin would shuffle all of them (0.4 ms of
-    # JVM CPU per 500x375 JPEG), so only a table too small to split is spread.
     prepare = PrepareBatches(spec, report, RESIZE_POLICIES[spec.resize],
                              faults.injected("preprocess"))
-    return spread(rows).mapInArrow(prepare, OUTCOME_SCHEMA)
+    return rows.mapInArrow(prepare, OUTCOME_SCHEMA)
 
 
 @dataclass(frozen=True)

@@ -173,15 +173,14 @@ def run(spark: SparkSession, config: Config) -> DuplicatesSummary:
     found = stage_state.unchanged(config, "duplicates", config.fingerprint("duplicates"), versions)
     if found and found["embedding_model"]:
         found["embedding_model"] = tuple(found["embedding_model"])  # a JSON list
-    summary = DuplicatesSummary(**found) if found else search(spark, config, watch)
-    summary.watch = watch
+    summary = DuplicatesSummary(**found, watch=watch) if found else search(spark, config, watch)
     watch.stop()
     return summary
 
 
 def search(spark: SparkSession, config: Config, watch: Stopwatch) -> DuplicatesSummary:
     settings = config.duplicates
-    summary = DuplicatesSummary()
+    summary = DuplicatesSummary(watch=watch)
     summary.hashed, summary.unreadable = update_hashes(spark, config, watch)
     # Taken before the reads: a commit in between leaves the state older than what was read.
     before = stage_state.table_versions(spark, config, WATCHED)

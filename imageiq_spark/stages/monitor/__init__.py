@@ -114,10 +114,10 @@ class MonitorSummary:
                             a.severity] for a in self.alerts]}
 
     @classmethod
-    def again(cls, model: Champion, reported: dict[str, Any]) -> MonitorSummary:
+    def again(cls, model: Champion, reported: dict[str, Any], watch: Stopwatch) -> MonitorSummary:
         """The summary `reported` recorded, for a rerun that profiled no new image."""
         latest = reported["latest_window"]
-        return cls(model.name, model.version, reported["windows"],
+        return cls(model.name, model.version, reported["windows"], watch=watch,
                    latest_window=latest and datetime.datetime.fromisoformat(latest),
                    latest=reported["latest"], report_uri=reported["report_uri"],
                    alerts=[Alert(metric, source, datetime.datetime.fromisoformat(start), value, threshold,
@@ -161,10 +161,9 @@ def run(spark: SparkSession, config: Config) -> MonitorSummary:
     read, last = state.inputs(spark, config, model, since), state.last_recorded(config)
     if state.unchanged(read, last):
         log.info("nothing new since the last monitor run: reporting its results again")
-        summary = MonitorSummary.again(model, last["summary"])
+        summary = MonitorSummary.again(model, last["summary"], watch)
         if summary.latest_window is not None:
             summary.textfile = write_textfile(config, model, summary.latest, summary.latest_alerts())
-        summary.watch = watch
         watch.stop()
         return summary
     summary = MonitorSummary(model.name, model.version, watch=watch)
