@@ -7,15 +7,17 @@ sample digits (28x28 PNGs), for ingest, preprocess, train (one epoch), evaluate,
 duplicates and monitor in turn:
 - first run: the lake's first N images;
 - no-op rerun: every stage again, nothing new;
-- +N images: N new files in the source, every stage again.
+- +N images: N new files in the source, every stage again;
+- +N images, profiled: N more, every stage again under cProfile, to show where its seconds go: the
+  calls its `run` makes, and its Delta MERGE statements beside what a stock one-row MERGE costs.
 Spark jobs are counted by the job ids of the application's status tracker (no listener), Delta
 commits by the new `NNN.json` files in every `_delta_log` under storage.root.
 
 Beside it, what those jobs and commits cost by themselves, outside our code: a trivial Spark job,
 a one-row Delta append, read and insert-only MERGE with the stock APIs, each the first time in a
 fresh process (cold: the JVM loads and compiles Spark's and Delta's code as it goes) and then warm
-(median of 5). A stage's jobs and commits times these warm costs is the floor it pays for them
-whatever its own code does.
+(median of 5). A stage's MERGE statements beside as many stock MERGEs show what of its seconds
+Delta charges whatever our code does.
 
 `python -m benchmarks.bench_fixed_cost --images 200 [--out FILE]` runs it alone at another size.
 """
@@ -23,7 +25,9 @@ whatever its own code does.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import multiprocessing
+import pstats
 import re
 import shutil
 import statistics
@@ -100,8 +104,9 @@ def add_images(source: Path, scratch: Path, count: int) -> None:
             shutil.move(path, target)
 
 
-def measure_stages(workdir: Path, images: int) -> dict[str, dict[str, Cost]]:
-    """Cost of each stage in each phase: first run, no-op rerun, +N images."""
+def measure_stages(workdir: Path, images: int) -> tuple[dict[str, dict[str, Cost]], dict[str, Profile]]:
+    """Cost of each stage in each phase (first run, no-op rerun, +N images), then where the
+    seconds of +N more go."""
     from imageiq_spark.cli.sample_data import write_sample_data
     from imageiq_spark.lake.session import get_spark
 
@@ -118,8 +123,37 @@ def measure_stages(workdir: Path, images: int) -> dict[str, dict[str, Cost]]:
         if phase.startswith("+"):
             add_images(source, workdir / "scratch", images)
         phases[phase] = {stage: measure(spark, lake, command(spark, config, stage)) for stage in STAGES}
+    add_images(source, workdir / "scratch", images)
+    profiles = {stage: profile(command(spark, config, stage), stage) for stage in STAGES}
     spark.stop()
-    return phases
+    return phases, profiles
+
+
+@dataclass
+class Profile:
+    seconds: float
+    steps: list[tuple[str, float]]  # the calls the stage's `run` makes, seconds in each
+    merges: int  # Delta MERGE statements run
+    merge_seconds: float
+
+
+def profile(action: Callable[[], Any], stage: str) -> Profile:
+    """Where `action`'s seconds go: the calls of the stage's `run` (0.1 s or more), and its MERGEs."""
+    from imageiq_spark.core.quiet import import_quietly
+    from imageiq_spark.lake import lakehouse
+
+    run_code = import_quietly(f"imageiq_spark.stages.{stage}").run.__code__
+    merge_code = lakehouse.merge.__code__
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.runcall(action)
+    seconds = time.perf_counter() - started
+    found = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    run_key = (run_code.co_filename, run_code.co_firstlineno, run_code.co_name)
+    steps = sorted(((name, callers[run_key][3]) for (_, _, name), (*_, callers) in found.items()
+                    if run_key in callers and callers[run_key][3] >= 0.1), key=lambda step: -step[1])
+    merge = found.get((merge_code.co_filename, merge_code.co_firstlineno, merge_code.co_name))
+    return Profile(seconds, steps, merge[1] if merge else 0, merge[3] if merge else 0.0)
 
 
 #: The stock operations a stage's fixed cost is made of, in the order first run cold.
@@ -165,16 +199,7 @@ def primitives(workdir: str, repeats: int = 5) -> dict[str, tuple[int, float, fl
     return found
 
 
-def floor_seconds(cost: Cost, measured: dict[str, tuple[int, float, float]]) -> float:
-    """What a stage's jobs and commits cost by themselves, warm: each job as one job of the trivial
-    action (its seconds over its jobs), each commit as a one-row append beyond its own jobs."""
-    trivial_jobs, _, trivial = measured[PRIMITIVES[0]]
-    job = trivial / max(trivial_jobs, 1)
-    append_jobs, _, append = measured[PRIMITIVES[1]]
-    return cost.jobs * job + sum(cost.commits.values()) * max(append - append_jobs * job, 0.0)
-
-
-def report(phases: dict[str, dict[str, Cost]], images: int,
+def report(phases: dict[str, dict[str, Cost]], profiles: dict[str, Profile], images: int,
            measured: dict[str, tuple[int, float, float]]) -> str:
     names = list(phases)
     header = ["stage"] + [f"{p}: {what}" for p in names for what in ("jobs", "commits", "s")]
@@ -189,9 +214,11 @@ def report(phases: dict[str, dict[str, Cost]], images: int,
         f"{p}: " + (", ".join(f"{t} {n}" for t, n in sorted(phases[p][stage].commits.items())) or "none")
         for p in names[1:]) for stage in STAGES]
     stock = [[name, jobs, round(cold, 2), round(warm, 3)] for name, (jobs, cold, warm) in measured.items()]
-    floors = [[stage] + [v for p in names[1:] for v in (
-        round(phases[p][stage].seconds, 1), round(floor_seconds(phases[p][stage], measured), 1))]
-        for stage in STAGES]
+    stock_merge = measured[PRIMITIVES[3]][2]
+    where = [[stage, round(p.seconds, 1), "; ".join(f"`{name}` {s:.2f}" for name, s in p.steps),
+              f"{p.merges} in {p.merge_seconds:.1f} s ({p.merges * stock_merge:.1f} s)" if p.merges
+              else "none seen"]
+             for stage, p in profiles.items()]
     return "\n".join([
         f"## Fixed cost: Spark jobs and Delta commits per stage ({images:,} images, +{images:,})",
         "",
@@ -211,12 +238,16 @@ def report(phases: dict[str, dict[str, Cost]], images: int,
         "",
         table(["operation", "Spark jobs", "cold: s", "warm: s"], stock),
         "",
-        "Each stage's seconds beside the floor of its jobs and commits (jobs x the warm seconds of "
-        "one job of the trivial action + commits x a one-row append's beyond its own job): what stock "
-        "Spark and Delta charge for that many jobs and commits, run one after another, whatever the "
-        "stage does in them.",
+        f"Where the seconds go: +{images:,} images more, every stage again under cProfile (which adds "
+        "a little to the Python side). Steps: the calls each stage's `run` makes that took 0.1 s or "
+        "more, with their seconds (a step's seconds include everything it calls). MERGEs: the "
+        "stage's Delta MERGE statements (the image tables' included, with the work of their source "
+        "query) and, in brackets, what as many stock one-row insert-only MERGEs cost warm (the "
+        "table above). cProfile sees the calling thread only: ingest writes in its stream's "
+        "`foreachBatch`, on a thread of py4j's (inside `awaitTermination` here), and monitor reads "
+        "one side on a thread of its own (inside `run_together`).",
         "",
-        table(["stage"] + [f"{p}: {what}" for p in names[1:] for what in ("s", "floor s")], floors),
+        table(["stage", "s", "steps of its run: s", "MERGEs: s (stock)"], where),
         "",
     ])
 
@@ -224,7 +255,8 @@ def report(phases: dict[str, dict[str, Cost]], images: int,
 def measure_all(workdir: Path, images: int) -> str:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
         measured = fresh.submit(primitives, str(workdir / "primitives")).result()
-    return report(measure_stages(workdir / "stages", images), images, measured)
+    phases, profiles = measure_stages(workdir / "stages", images)
+    return report(phases, profiles, images, measured)
 
 
 def run(workdir: Path) -> str:
