@@ -107,3 +107,21 @@ def test_new_splits_follow_the_cluster_member_already_assigned(spark):
     # b is the smallest assigned member: its split wins over d's; e has no cluster, hashes alone.
     assert [tuple(r) for r in rows] == [("a", "test", "cluster"), ("c", "test", "cluster"),
                                         ("e", "train", "hash")]
+
+
+def test_new_splits_keep_the_split_of_images_prepared_before_splits_were_stored(spark):
+    stored = spark.createDataFrame([("s", "val")], "image_id string, split string")
+    earlier = spark.createDataFrame([("a", "val"), ("s", "test")], "image_id string, split string")
+    ids = spark.createDataFrame([("a",), ("e",), ("s",)], "image_id string")
+    rows = splits.new_splits(ids, stored, earlier, None, 1.0, 0.0).orderBy("image_id").collect()
+    # a keeps its earlier split; s already has a stored one, so it is not assigned again.
+    assert [tuple(r) for r in rows] == [("a", "val", "prepared"), ("e", "train", "hash")]
+
+
+def test_new_splits_let_a_cluster_follow_a_member_prepared_before_splits_were_stored(spark):
+    stored = spark.createDataFrame([], "image_id string, split string")
+    earlier = spark.createDataFrame([("b", "test")], "image_id string, split string")
+    clusters = spark.createDataFrame([("a", "a"), ("b", "a")], "image_id string, cluster_id string")
+    ids = spark.createDataFrame([("a",), ("b",)], "image_id string")
+    rows = splits.new_splits(ids, stored, earlier, clusters, 1.0, 0.0).orderBy("image_id").collect()
+    assert [tuple(r) for r in rows] == [("a", "test", "cluster"), ("b", "test", "prepared")]
