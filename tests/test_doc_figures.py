@@ -17,10 +17,15 @@ def section(name: str) -> str:
     return found[name]
 
 
+def row_cells(line: str) -> list[str]:
+    """The cells of one Markdown table row."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def table_cell(text: str, first_cells: tuple[str, ...], column: int) -> float:
     """The number in `column` (0 = first) of the Markdown table row whose first cells are `first_cells`."""
     for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        cells = row_cells(line)
         if line.startswith("|") and tuple(cells[:len(first_cells)]) == first_cells:
             return float(cells[column].replace(",", ""))
     raise AssertionError(f"no table row starting {first_cells!r}")
@@ -53,7 +58,7 @@ def table_rows(text: str, header_start: str) -> list[list[str]]:
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        rows.append(row_cells(line))
     return rows
 
 
